@@ -1,0 +1,48 @@
+"""airflow-provider-resque: a RESQUE gate for Apache Airflow and MLflow.
+
+Importing this package is cheap: Airflow, MLflow, ONNX Runtime and torch are imported only by the modules that need
+them, when they are used.
+"""
+
+__version__ = "0.1.0"
+
+
+def get_provider_info() -> dict:
+    """Provider metadata read by Airflow through the ``apache_airflow_provider`` entry point."""
+    return {
+        "package-name": "airflow-provider-resque",
+        "name": "RESQUE",
+        "description": "RESQUE gate: reuse / retrain / rebuild decisions for MLflow-registered models.",
+        "versions": [__version__],
+        "connection-types": [
+            {
+                "connection-type": "mlflow",
+                "hook-class-name": "resque_airflow.hooks.mlflow.MlflowHook",
+                "hook-name": "MLflow",
+                "conn-fields": {
+                    "registry_uri": {
+                        "label": "Registry URI",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Model registry URI when it differs from the tracking URI (the host).",
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "extra"],
+                    "relabeling": {
+                        "host": "Tracking URI",
+                        "login": "Username",
+                        "password": "Password or token",
+                    },
+                    "placeholders": {"host": "http://mlflow:5000 or sqlite:////abs/path/mlflow.db"},
+                },
+            }
+        ],
+        "hook-class-names": ["resque_airflow.hooks.mlflow.MlflowHook"],
+        "operators": [
+            {
+                "integration-name": "RESQUE",
+                "python-modules": ["resque_airflow.operators.gate", "resque_airflow.operators.shard"],
+            }
+        ],
+        "plugins": [{"name": "resque", "plugin-class": "resque_airflow.ui.plugin.ResquePlugin"}],
+    }

@@ -1,0 +1,61 @@
+"""The gate's decision policy: thresholds on the score (and, with enough history, predicted cost)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+
+from resque_airflow.core.errors import ResqueInputError
+
+
+class Decision(str, enum.Enum):
+    """What to do with the production model."""
+
+    REUSE = "reuse"
+    RETRAIN = "retrain"
+    REBUILD = "rebuild"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Score thresholds: ``score <= reuse`` -> reuse; ``score > rebuild`` -> rebuild; otherwise retrain.
+
+    Scores are RESQUE values in [0, 1]. Defaults are documented in ``docs/THRESHOLDS.md`` with the measurement
+    they come from.
+    """
+
+    reuse: float
+    rebuild: float
+
+    def validate(self) -> Thresholds:
+        for name in ("reuse", "rebuild"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+                raise ResqueInputError(f"{name}_threshold: expected a number in [0, 1], got {v!r}")
+        if not self.reuse < self.rebuild:
+            raise ResqueInputError(
+                f"thresholds: reuse_threshold ({self.reuse}) must be below rebuild_threshold ({self.rebuild})"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(score: float, thresholds: Thresholds) -> Decision:
+    """Map a score to a :class:`Decision` with ``thresholds``.
+
+    >>> decide(0.01, Thresholds(reuse=0.02, rebuild=0.2)).value
+    'reuse'
+    >>> decide(0.5, Thresholds(0.02, 0.2)).value
+    'rebuild'
+    """
+    thresholds.validate()
+    if score <= thresholds.reuse:
+        return Decision.REUSE
+    if score > thresholds.rebuild:
+        return Decision.REBUILD
+    return Decision.RETRAIN

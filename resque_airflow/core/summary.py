@@ -1,0 +1,222 @@
+"""One pass over a data set, summarised: everything RESQUE_dist and its companion signals need.
+
+A :class:`FeatureSummary` is built batch by batch from the pooled features, the logits and the labels of one forward
+pass, in memory bounded by the batch size plus a fixed-size feature sample. Summaries of shards merge with ``+=``.
+The reference side of a model is a summary stored in its fingerprint; :func:`companion_signals` compares a new
+summary with it (DESIGN.md 2.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from resque_airflow.core.classsums import ClassSums, check_features, check_labels
+from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.core.metrics import ks_mean, mmd_linear, resque_dist, resque_task
+
+LABEL_SOURCES = ("given", "predicted", "none")
+DEFAULT_SAMPLE_SIZE = 2000
+
+
+def softmax_confidence(logits: np.ndarray) -> np.ndarray:
+    """Top-class softmax probability of each row of ``(N, C)`` logits, ``(N,)`` float64."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e.max(axis=1) / e.sum(axis=1)
+
+
+class FeatureSummary:
+    """Class sums under three label sources, accuracy and confidence counters, and a uniform feature sample.
+
+    Attributes:
+        given: class sums under the labels that came with the data (empty when there were none).
+        predicted: class sums under the model's own predictions, ``argmax(logits)``.
+        pooled: sums over all samples as one class (K = 1).
+        sample_x: ``(S, D)`` float32 uniform random sample of features (reservoir), S <= ``sample_size``.
+        sample_y: ``(S,)`` int64 given labels of the sampled rows, -1 where unknown.
+
+    Example:
+        >>> import numpy as np
+        >>> s = FeatureSummary(num_classes=2, dim=2, sample_size=3)
+        >>> s.update(np.eye(2, dtype=np.float32), logits=np.array([[2.0, 0.0], [0.0, 1.0]]), labels=np.array([0, 0]))
+        >>> s.n, s.accuracy, s.sample_x.shape
+        (2, 0.5, (2, 2))
+        >>> t = FeatureSummary(2, 2, sample_size=3)
+        >>> t.update(np.ones((4, 2), np.float32))
+        >>> s += t
+        >>> s.n, s.sample_x.shape, s.pooled.counts.tolist()
+        (6, (3, 2), [6])
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0):
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.sample_size = int(sample_size)
+        self.given = ClassSums(self.num_classes, self.dim)
+        self.predicted = ClassSums(self.num_classes, self.dim)
+        self.pooled = ClassSums(1, self.dim)
+        self.correct = 0
+        self.confidence_sum = 0.0
+        self.n_logits = 0
+        self.sample_x = np.zeros((0, self.dim), np.float32)
+        self.sample_y = np.zeros(0, np.int64)
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def n(self) -> int:
+        """Samples seen."""
+        return self.pooled.n
+
+    @property
+    def accuracy(self) -> float | None:
+        """Accuracy of the predictions against the given labels, or None without both."""
+        n = self.given.n
+        return self.correct / n if n and self.n_logits == self.n else None
+
+    @property
+    def confidence(self) -> float | None:
+        """Mean top-class softmax probability, or None without logits."""
+        return self.confidence_sum / self.n_logits if self.n_logits else None
+
+    def update(
+        self, features: np.ndarray, logits: np.ndarray | None = None, labels: np.ndarray | None = None
+    ):
+        """Add one batch: ``(N, D)`` features, optional ``(N, C)`` logits and ``(N,)`` labels."""
+        x = check_features(features, self.dim)
+        n = x.shape[0]
+        if n == 0:
+            return
+        y = None if labels is None else check_labels(labels, self.num_classes, n)
+        self.pooled.update(x)
+        if y is not None:
+            self.given.update(x, y)
+        if logits is not None:
+            z = np.asarray(logits)
+            if z.ndim != 2 or z.shape[0] != n:
+                raise ResqueInputError(f"logits: expected shape ({n}, C), got {z.shape}")
+            if z.shape[1] != self.num_classes:
+                raise ResqueInputError(
+                    f"logits: the model predicts {z.shape[1]} classes but the fingerprint has {self.num_classes}"
+                )
+            pred = z.argmax(axis=1)
+            self.predicted.update(x, pred)
+            self.confidence_sum += float(softmax_confidence(z).sum())
+            self.n_logits += n
+            if y is not None:
+                self.correct += int((pred == y).sum())
+        self._reservoir(x, y if y is not None else np.full(n, -1, np.int64))
+
+    def _reservoir(self, x: np.ndarray, y: np.ndarray) -> None:
+        seen = self.n - x.shape[0]  # samples before this batch
+        room = self.sample_size - self.sample_x.shape[0]
+        if room > 0:
+            take = min(room, x.shape[0])
+            self.sample_x = np.concatenate([self.sample_x, x[:take].astype(np.float32)])
+            self.sample_y = np.concatenate([self.sample_y, y[:take]])
+            x, y, seen = x[take:], y[take:], seen + take
+        if x.shape[0] == 0 or self.sample_size == 0:
+            return
+        # Algorithm R: row i replaces a random slot with probability S / (seen + i + 1).
+        slots = self._rng.integers(0, seen + np.arange(1, x.shape[0] + 1))
+        hit = np.flatnonzero(slots < self.sample_size)
+        self.sample_x[slots[hit]] = x[hit]
+        self.sample_y[slots[hit]] = y[hit]
+
+    def __iadd__(self, other: FeatureSummary) -> FeatureSummary:
+        if not isinstance(other, FeatureSummary):
+            raise TypeError(f"cannot merge FeatureSummary with {type(other).__name__}")
+        n1, n2 = self.n, other.n
+        self.given += other.given
+        self.predicted += other.predicted
+        self.pooled += other.pooled
+        self.correct += other.correct
+        self.confidence_sum += other.confidence_sum
+        self.n_logits += other.n_logits
+        # A uniform sample of the union: how many rows come from each side is hypergeometric.
+        s = min(self.sample_size, self.sample_x.shape[0] + other.sample_x.shape[0])
+        k = int(self._rng.hypergeometric(n1, n2, s)) if n1 and n2 else (s if n1 else 0)
+        k = min(max(k, s - other.sample_x.shape[0]), self.sample_x.shape[0])
+        a = self._rng.choice(self.sample_x.shape[0], k, replace=False)
+        b = self._rng.choice(other.sample_x.shape[0], s - k, replace=False)
+        self.sample_x = np.concatenate([self.sample_x[a], other.sample_x[b]])
+        self.sample_y = np.concatenate([self.sample_y[a], other.sample_y[b]])
+        return self
+
+    # Serialisation: flat arrays for .npz (no pickle) and scalars for JSON.
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "given_sums": self.given.sums, "given_counts": self.given.counts,
+            "predicted_sums": self.predicted.sums, "predicted_counts": self.predicted.counts,
+            "pooled_sums": self.pooled.sums, "pooled_counts": self.pooled.counts,
+            "sample_x": self.sample_x, "sample_y": self.sample_y,
+        }  # fmt: skip
+
+    def to_scalars(self) -> dict:
+        return {
+            "num_classes": self.num_classes, "dim": self.dim, "sample_size": self.sample_size,
+            "correct": self.correct, "confidence_sum": self.confidence_sum, "n_logits": self.n_logits,
+        }  # fmt: skip
+
+    @classmethod
+    def from_parts(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> FeatureSummary:
+        out = cls(scalars["num_classes"], scalars["dim"], sample_size=scalars["sample_size"])
+        out.given = ClassSums.from_arrays(arrays["given_sums"], arrays["given_counts"])
+        out.predicted = ClassSums.from_arrays(arrays["predicted_sums"], arrays["predicted_counts"])
+        out.pooled = ClassSums.from_arrays(arrays["pooled_sums"], arrays["pooled_counts"])
+        out.correct = int(scalars["correct"])
+        out.confidence_sum = float(scalars["confidence_sum"])
+        out.n_logits = int(scalars["n_logits"])
+        out.sample_x = np.asarray(arrays["sample_x"], np.float32).reshape(-1, out.dim)
+        out.sample_y = np.asarray(arrays["sample_y"], np.int64)
+        for name, cs in (("given", out.given), ("predicted", out.predicted), ("pooled", out.pooled)):
+            if cs.dim != out.dim:
+                raise ResqueInputError(f"summary: {name} sums have width {cs.dim}, expected {out.dim}")
+        return out
+
+
+def sums_for(summary: FeatureSummary, label_source: str) -> ClassSums:
+    """The class sums of ``summary`` under one label source: ``given``, ``predicted`` or ``none`` (pooled)."""
+    if label_source not in LABEL_SOURCES:
+        raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {label_source!r}")
+    return {"given": summary.given, "predicted": summary.predicted, "none": summary.pooled}[label_source]
+
+
+def companion_signals(
+    reference: FeatureSummary, new: FeatureSummary, *, task_max_samples: int = 2000
+) -> dict:
+    """Every signal of DESIGN.md 2.5 that the two summaries allow; a signal that cannot be computed is None.
+
+    Keys: ``resque_dist`` (given labels), ``resque_dist_predicted``, ``resque_dist_none``, ``mmd``, ``ks``,
+    ``separability`` (RESQUE_task of the new data's sample with its given labels), ``confidence_drop``,
+    ``acc_drop``. Floats, JSON-serialisable.
+    """
+
+    def dist(label_source: str) -> float | None:
+        a, b = sums_for(reference, label_source), sums_for(new, label_source)
+        if not ((a.counts > 0) & (b.counts > 0)).any():
+            return None
+        return resque_dist(a, b).value
+
+    out: dict[str, float | None] = {
+        "resque_dist": dist("given"),
+        "resque_dist_predicted": dist("predicted"),
+        "resque_dist_none": dist("none"),
+        "mmd": mmd_linear(reference.pooled.get()[0], new.pooled.get()[0]) if reference.n and new.n else None,
+        "ks": ks_mean(reference.sample_x, new.sample_x)
+        if len(reference.sample_x) and len(new.sample_x)
+        else None,
+        "separability": None,
+        "confidence_drop": None,
+        "acc_drop": None,
+    }
+    labelled = new.sample_y >= 0
+    if labelled.any() and np.unique(new.sample_y[labelled]).size >= 2:
+        out["separability"] = resque_task(
+            new.sample_x[labelled], new.sample_y[labelled], max_samples=task_max_samples
+        ).value
+    if reference.confidence is not None and new.confidence is not None:
+        out["confidence_drop"] = reference.confidence - new.confidence
+    if reference.accuracy is not None and new.accuracy is not None:
+        out["acc_drop"] = reference.accuracy - new.accuracy
+    return out

@@ -1,0 +1,76 @@
+"""Names of the audit trail in MLflow (DESIGN.md section 5). They are public interface: document any change.
+
+Runs
+    Every run this package writes carries the tag ``resque.kind``:
+
+    - ``gate``: one gate decision (experiment ``resque-gate`` by default).
+    - ``retrain`` / ``rebuild``: a retraining run triggered by a gate (``resque.gate_run_id`` says which).
+    - ``train``: the training cost of a published model version, recorded at publish time.
+
+Gate run contents
+    params  ``GATE_PARAMS``; metrics ``SCORE_METRIC`` plus every companion signal under its own name
+    (``resque_dist``, ``resque_dist_predicted``, ``resque_dist_none``, ``mmd``, ``ks``, ``separability``,
+    ``confidence_drop``, ``acc_drop``, ``resque_task``) and, with a cost model, ``predicted_<cost>`` /
+    ``predicted_<cost>_low`` / ``predicted_<cost>_high``; artifact ``GATE_RESULT_ARTIFACT`` (the full JSON result,
+    per-class angles included).
+
+Model-version tags
+    ``MV_TAG_*`` below: the latest score, decision, gate run id and time.
+"""
+
+KIND_TAG = "resque.kind"
+KIND_GATE = "gate"
+KIND_RETRAIN = "retrain"
+KIND_REBUILD = "rebuild"
+KIND_TRAIN = "train"
+
+DEFAULT_EXPERIMENT = "resque-gate"
+RETRAIN_EXPERIMENT = "resque-retrain"
+
+# Tags on gate runs.
+GATE_KEY_TAG = "resque.gate_key"  # dag_id/run_id/task_id/map_index: one gate run per Airflow task instance
+DECISION_TAG = "resque.decision"
+BRANCH_TAG = "resque.branch"  # the task ids the gate followed
+STATUS_TAG = "resque.status"  # "scoring" while running, then "decided" or "failed"
+MODEL_NAME_TAG = "resque.model_name"
+MODEL_VERSION_TAG = "resque.model_version"
+
+# Params of gate runs.
+GATE_PARAMS = (
+    "model_name", "model_version", "model_alias", "model_sha256", "data_uri", "data_hash", "mode", "layer",
+    "label_source", "provider", "n_samples", "n_classes", "reuse_threshold", "rebuild_threshold", "policy",
+    "airflow_dag_id", "airflow_run_id", "airflow_task_id", "airflow_try_number",
+)  # fmt: skip
+
+SCORE_METRIC = "resque_score"
+SIGNAL_METRICS = (
+    "resque_dist", "resque_dist_predicted", "resque_dist_none", "mmd", "ks", "separability", "confidence_drop",
+    "acc_drop", "resque_task",
+)  # fmt: skip
+GATE_RESULT_ARTIFACT = "resque/gate_result.json"
+
+# Tags on the scored model version (the audit trail on the registry side).
+MV_TAG_SCORE = "resque.last_score"
+MV_TAG_DECISION = "resque.last_decision"
+MV_TAG_GATE_RUN = "resque.last_gate_run_id"
+MV_TAG_TIME = "resque.last_gate_time"
+MV_TAG_MODE = "resque.last_mode"
+MV_TAGS = (MV_TAG_SCORE, MV_TAG_DECISION, MV_TAG_GATE_RUN, MV_TAG_TIME, MV_TAG_MODE)
+
+# Retrain / rebuild / train runs.
+GATE_RUN_TAG = "resque.gate_run_id"  # on retrain/rebuild runs: the gate run that triggered them
+SOURCE_VERSION_TAG = "resque.source_version"
+TRAIN_RUN_MV_TAG = "resque.train_run_id"  # on a model version: the run holding its training cost
+COST_METRICS = (
+    "steps_to_target", "epochs_to_target", "grad_norm_first", "grad_norm_mean", "param_change", "wall_s",
+    "energy_kwh", "emissions_kg",
+)  # fmt: skip
+CENSORED_METRIC = "censored"  # 1.0 when the target was not reached within the cap
+FINAL_ACCURACY_METRIC = "final_accuracy"
+
+# Artifacts of a published model version's run.
+MODEL_ARTIFACT = "model"  # mlflow.onnx model folder (model.onnx inside)
+FINGERPRINT_ARTIFACT = "fingerprint"  # fingerprint.json + fingerprint.npz
+WEIGHTS_ARTIFACT = (
+    "torch"  # optional state_dict (.safetensors-free: a torch.save file loaded weights_only=True)
+)
