@@ -194,9 +194,7 @@ class Fingerprint:
             )
         npz = npz_path.read_bytes()
         if sha256_bytes(npz) != meta.get("npz_sha256"):
-            raise FingerprintError(
-                f"fingerprint: {npz_path} does not match the sha256 in {JSON_NAME}; it is damaged"
-            )
+            raise FingerprintError(f"fingerprint: {npz_path} does not match the sha256 in {JSON_NAME}; it is damaged")
         try:
             with np.load(io.BytesIO(npz), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}

@@ -79,9 +79,7 @@ class FeatureSummary:
         """Mean top-class softmax probability, or None without logits."""
         return self.confidence_sum / self.n_logits if self.n_logits else None
 
-    def update(
-        self, features: np.ndarray, logits: np.ndarray | None = None, labels: np.ndarray | None = None
-    ):
+    def update(self, features: np.ndarray, logits: np.ndarray | None = None, labels: np.ndarray | None = None):
         """Add one batch: ``(N, D)`` features, optional ``(N, C)`` logits and ``(N,)`` labels."""
         x = check_features(features, self.dim)
         n = x.shape[0]
@@ -182,9 +180,7 @@ def sums_for(summary: FeatureSummary, label_source: str) -> ClassSums:
     return {"given": summary.given, "predicted": summary.predicted, "none": summary.pooled}[label_source]
 
 
-def companion_signals(
-    reference: FeatureSummary, new: FeatureSummary, *, task_max_samples: int = 2000
-) -> dict:
+def companion_signals(reference: FeatureSummary, new: FeatureSummary, *, task_max_samples: int = 2000) -> dict:
     """Every signal of DESIGN.md 2.5 that the two summaries allow; a signal that cannot be computed is None.
 
     Keys: ``resque_dist`` (given labels), ``resque_dist_predicted``, ``resque_dist_none``, ``mmd``, ``ks``,
@@ -203,9 +199,7 @@ def companion_signals(
         "resque_dist_predicted": dist("predicted"),
         "resque_dist_none": dist("none"),
         "mmd": mmd_linear(reference.pooled.get()[0], new.pooled.get()[0]) if reference.n and new.n else None,
-        "ks": ks_mean(reference.sample_x, new.sample_x)
-        if len(reference.sample_x) and len(new.sample_x)
-        else None,
+        "ks": ks_mean(reference.sample_x, new.sample_x) if len(reference.sample_x) and len(new.sample_x) else None,
         "separability": None,
         "confidence_drop": None,
         "acc_drop": None,

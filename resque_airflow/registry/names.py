@@ -71,6 +71,4 @@ FINAL_ACCURACY_METRIC = "final_accuracy"
 # Artifacts of a published model version's run.
 MODEL_ARTIFACT = "model"  # mlflow.onnx model folder (model.onnx inside)
 FINGERPRINT_ARTIFACT = "fingerprint"  # fingerprint.json + fingerprint.npz
-WEIGHTS_ARTIFACT = (
-    "torch"  # optional state_dict (.safetensors-free: a torch.save file loaded weights_only=True)
-)
+WEIGHTS_ARTIFACT = "torch"  # optional state_dict (.safetensors-free: a torch.save file loaded weights_only=True)
