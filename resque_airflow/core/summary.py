@@ -26,6 +26,58 @@ def softmax_confidence(logits: np.ndarray) -> np.ndarray:
     return e.max(axis=1) / e.sum(axis=1)
 
 
+class Reservoir:
+    """A uniform random sample of at most ``size`` rows of ``(N, D)`` features with their labels (Algorithm R).
+
+    Mergeable: ``a += b`` leaves a uniform sample of the union (how many rows come from each side is drawn from
+    the hypergeometric distribution).
+
+    Example:
+        >>> import numpy as np
+        >>> r = Reservoir(size=5, dim=2)
+        >>> r.update(np.zeros((100, 2), np.float32), np.arange(100))
+        >>> r.x.shape, r.seen
+        ((5, 2), 100)
+    """
+
+    def __init__(self, size: int, dim: int, seed: int = 0) -> None:
+        self.size = int(size)
+        self.dim = int(dim)
+        self.seen = 0
+        self.x = np.zeros((0, self.dim), np.float32)
+        self.y = np.zeros(0, np.int64)
+        self._rng = np.random.default_rng(seed)
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Offer ``(n, D)`` rows with their ``(n,)`` int labels (-1 where unknown)."""
+        room = self.size - self.x.shape[0]
+        if room > 0:
+            take = min(room, x.shape[0])
+            self.x = np.concatenate([self.x, x[:take].astype(np.float32)])
+            self.y = np.concatenate([self.y, np.asarray(y[:take], np.int64)])
+            x, y, self.seen = x[take:], y[take:], self.seen + take
+        if x.shape[0] == 0:
+            return
+        # Row i replaces a random slot with probability size / (seen + i + 1).
+        slots = self._rng.integers(0, self.seen + np.arange(1, x.shape[0] + 1))
+        hit = np.flatnonzero(slots < self.size)
+        self.x[slots[hit]] = x[hit]
+        self.y[slots[hit]] = y[hit]
+        self.seen += x.shape[0]
+
+    def __iadd__(self, other: Reservoir) -> Reservoir:
+        n1, n2 = self.seen, other.seen
+        s = min(self.size, self.x.shape[0] + other.x.shape[0])
+        k = int(self._rng.hypergeometric(n1, n2, s)) if n1 and n2 else (s if n1 else 0)
+        k = min(max(k, s - other.x.shape[0]), self.x.shape[0])
+        a = self._rng.choice(self.x.shape[0], k, replace=False)
+        b = self._rng.choice(other.x.shape[0], s - k, replace=False)
+        self.x = np.concatenate([self.x[a], other.x[b]])
+        self.y = np.concatenate([self.y[a], other.y[b]])
+        self.seen = n1 + n2
+        return self
+
+
 class FeatureSummary:
     """Class sums under three label sources, accuracy and confidence counters, and a uniform feature sample.
 
@@ -59,9 +111,15 @@ class FeatureSummary:
         self.correct = 0
         self.confidence_sum = 0.0
         self.n_logits = 0
-        self.sample_x = np.zeros((0, self.dim), np.float32)
-        self.sample_y = np.zeros(0, np.int64)
-        self._rng = np.random.default_rng(seed)
+        self.sample = Reservoir(self.sample_size, self.dim, seed)
+
+    @property
+    def sample_x(self) -> np.ndarray:
+        return self.sample.x
+
+    @property
+    def sample_y(self) -> np.ndarray:
+        return self.sample.y
 
     @property
     def n(self) -> int:
@@ -103,42 +161,18 @@ class FeatureSummary:
             self.n_logits += n
             if y is not None:
                 self.correct += int((pred == y).sum())
-        self._reservoir(x, y if y is not None else np.full(n, -1, np.int64))
-
-    def _reservoir(self, x: np.ndarray, y: np.ndarray) -> None:
-        seen = self.n - x.shape[0]  # samples before this batch
-        room = self.sample_size - self.sample_x.shape[0]
-        if room > 0:
-            take = min(room, x.shape[0])
-            self.sample_x = np.concatenate([self.sample_x, x[:take].astype(np.float32)])
-            self.sample_y = np.concatenate([self.sample_y, y[:take]])
-            x, y, seen = x[take:], y[take:], seen + take
-        if x.shape[0] == 0 or self.sample_size == 0:
-            return
-        # Algorithm R: row i replaces a random slot with probability S / (seen + i + 1).
-        slots = self._rng.integers(0, seen + np.arange(1, x.shape[0] + 1))
-        hit = np.flatnonzero(slots < self.sample_size)
-        self.sample_x[slots[hit]] = x[hit]
-        self.sample_y[slots[hit]] = y[hit]
+        self.sample.update(x, y if y is not None else np.full(n, -1, np.int64))
 
     def __iadd__(self, other: FeatureSummary) -> FeatureSummary:
         if not isinstance(other, FeatureSummary):
             raise TypeError(f"cannot merge FeatureSummary with {type(other).__name__}")
-        n1, n2 = self.n, other.n
         self.given += other.given
         self.predicted += other.predicted
         self.pooled += other.pooled
         self.correct += other.correct
         self.confidence_sum += other.confidence_sum
         self.n_logits += other.n_logits
-        # A uniform sample of the union: how many rows come from each side is hypergeometric.
-        s = min(self.sample_size, self.sample_x.shape[0] + other.sample_x.shape[0])
-        k = int(self._rng.hypergeometric(n1, n2, s)) if n1 and n2 else (s if n1 else 0)
-        k = min(max(k, s - other.sample_x.shape[0]), self.sample_x.shape[0])
-        a = self._rng.choice(self.sample_x.shape[0], k, replace=False)
-        b = self._rng.choice(other.sample_x.shape[0], s - k, replace=False)
-        self.sample_x = np.concatenate([self.sample_x[a], other.sample_x[b]])
-        self.sample_y = np.concatenate([self.sample_y[a], other.sample_y[b]])
+        self.sample += other.sample
         return self
 
     # Serialisation: flat arrays for .npz (no pickle) and scalars for JSON.
@@ -165,8 +199,9 @@ class FeatureSummary:
         out.correct = int(scalars["correct"])
         out.confidence_sum = float(scalars["confidence_sum"])
         out.n_logits = int(scalars["n_logits"])
-        out.sample_x = np.asarray(arrays["sample_x"], np.float32).reshape(-1, out.dim)
-        out.sample_y = np.asarray(arrays["sample_y"], np.int64)
+        out.sample.x = np.asarray(arrays["sample_x"], np.float32).reshape(-1, out.dim)
+        out.sample.y = np.asarray(arrays["sample_y"], np.int64)
+        out.sample.seen = out.n
         for name, cs in (("given", out.given), ("predicted", out.predicted), ("pooled", out.pooled)):
             if cs.dim != out.dim:
                 raise ResqueInputError(f"summary: {name} sums have width {cs.dim}, expected {out.dim}")

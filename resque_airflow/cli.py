@@ -1,0 +1,308 @@
+"""The ``resque`` command: fingerprint, score, export, and (with MLflow) publish, gate and audit.
+
+Exit codes: 0 success; 2 bad input (one line on stderr naming the problem); 3 registry unreachable or missing
+what was asked for; 1 anything unexpected (with a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from resque_airflow.core.errors import RegistryError, ResqueInputError
+
+log = logging.getLogger("resque")
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int | None], None] | None]:
+    """A rich progress bar on stderr (only when stderr is a terminal); yields the callback the pipeline takes."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def image_spec_from(args: argparse.Namespace):
+    """The :class:`ImageSpec` given by ``--image-*`` flags (used for image-folder data)."""
+    from resque_airflow.core.fingerprint import ImageSpec
+
+    floats = lambda s: tuple(float(v) for v in s.split(","))  # noqa: E731
+    try:
+        return ImageSpec(
+            mode=args.image_mode, scale=args.image_scale, mean=floats(args.image_mean), std=floats(args.image_std)
+        )
+    except ValueError as exc:
+        raise ResqueInputError(f"--image-mean/--image-std: expected comma-separated numbers ({exc})") from exc
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    """One JSON object on stdout with ``--json``, else a readable summary."""
+    if as_json:
+        print(json.dumps(result, default=float))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = f"RESQUE_{result['mode']} = [bold]{result['score']:.4f}[/bold]"
+    if result.get("decision"):
+        head += f"  ->  [bold]{result['decision']}[/bold]"
+    console.print(head)
+    console.print(
+        f"{result['n_samples']} samples, {result.get('n_classes', '?')} classes, labels={result.get('label_source')}, "
+        f"provider={result['provider']}, layer={result.get('layer')}"
+    )
+    if result.get("prediction"):
+        p = result["prediction"]
+        console.print(f"predicted retraining cost: {p}")
+    signals = {k: v for k, v in (result.get("signals") or {}).items() if v is not None}
+    if signals:
+        console.print("signals: " + ", ".join(f"{k}={v:.4g}" for k, v in signals.items()))
+    if result.get("per_class"):
+        table = Table("class", "angle / pi")
+        for k, v in result["per_class"].items():
+            table.add_row(str(k), f"{v:.4f}")
+        console.print(table)
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from resque_airflow.runtime.pipeline import fingerprint_model
+
+    with progress_bar("reference pass", not args.json) as progress:
+        fp = fingerprint_model(
+            args.model,
+            args.data,
+            layer=args.layer,
+            provider=args.provider,
+            batch_size=args.batch_size,
+            image_spec=image_spec_from(args),
+            num_classes=args.num_classes,
+            progress=progress,
+        )
+    out = fp.save(args.out)
+    meta = fp.metadata() | {"path": str(out)}
+    if args.json:
+        print(json.dumps(meta))
+    else:
+        print(
+            f"fingerprint written to {out}: {fp.n_samples} samples, {fp.num_classes} classes, layer {fp.layer!r} "
+            f"({fp.pooling} pooling, D={fp.dim}), reference accuracy {meta['reference_accuracy']}"
+        )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from resque_airflow.core.fingerprint import Fingerprint
+    from resque_airflow.runtime import pipeline
+
+    with progress_bar(f"scoring ({args.kind})", not args.json) as progress:
+        if args.kind == "dist":
+            fp = Fingerprint.load(args.fingerprint)
+            result = pipeline.score_dist(
+                args.model, fp, args.data, label_source=args.labels, provider=args.provider,
+                batch_size=args.batch_size, progress=progress,
+            )  # fmt: skip
+        else:
+            result = pipeline.score_task(
+                args.model, args.data, layer=args.layer, provider=args.provider, batch_size=args.batch_size,
+                init=args.init, max_samples=args.max_samples, image_spec=image_spec_from(args), progress=progress,
+            )  # fmt: skip
+    print_result(result.to_dict(), args.json)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import importlib
+
+    import torch
+
+    from resque_airflow.runtime.export import export_torch
+
+    module_name, _, attr = args.factory.partition(":")
+    if not attr:
+        raise ResqueInputError(f"--factory: expected 'module:callable', got {args.factory!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ResqueInputError(f"--factory: cannot import {args.factory!r}: {exc}") from exc
+    model = factory()
+    if args.weights:
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)  # never unpickle arbitrary code
+        except Exception as exc:
+            raise ResqueInputError(f"--weights: cannot load {args.weights} as a state dict: {exc}") from exc
+        model.load_state_dict(state)
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError as exc:
+        raise ResqueInputError(f"--input-shape: expected comma-separated integers, got {args.input_shape!r}") from exc
+    report = export_torch(model, torch.randn(shape), args.out, layer=args.layer)
+    print(
+        json.dumps(report.__dict__)
+        if args.json
+        else f"exported to {report.path} (max |onnx - torch| = {report.max_abs_diff_logits:.2e})"
+    )
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from resque_airflow.registry.publish import publish_model
+
+    with progress_bar("reference pass", not args.json) as progress:
+        published = publish_model(
+            tracking_uri=args.tracking_uri, name=args.name, model_path=args.model, reference=args.reference,
+            alias=args.alias, layer=args.layer, provider=args.provider, image_spec=image_spec_from(args),
+            weights_path=args.weights, progress=progress,
+        )  # fmt: skip
+    info = published.to_dict()
+    print(json.dumps(info) if args.json else f"registered {info['name']} version {info['version']} as @{info['alias']}")
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from resque_airflow.registry.gate import GateRequest, run_gate
+
+    request = GateRequest(
+        model_uri=args.model_uri, data=args.data, mode=args.mode, label_source=args.labels, layer=args.layer,
+        provider=args.provider, reuse_threshold=args.reuse_threshold, rebuild_threshold=args.rebuild_threshold,
+        experiment_name=args.experiment,
+    )  # fmt: skip
+    with progress_bar("gate", not args.json) as progress:
+        outcome = run_gate(request, tracking_uri=args.tracking_uri, registry_uri=args.registry_uri, progress=progress)
+    print_result(outcome.to_dict(), args.json)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from resque_airflow.ui.history import audit_main
+
+    return audit_main(args.model, args.tracking_uri, args.json, registry_uri=args.registry_uri)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resque", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, *, layer: bool = True) -> None:
+        sp.add_argument("--provider", default="auto", choices=["auto", "cuda", "cpu"])
+        sp.add_argument("--batch-size", type=int, default=256)
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        if layer:
+            sp.add_argument("--layer", default="auto", help="tensor name of the representation (default: auto)")
+
+    def images(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("image folders", "how images become model input: (pixel * scale - mean) / std")
+        g.add_argument("--image-mode", default="RGB", choices=["L", "RGB"])
+        g.add_argument("--image-scale", type=float, default=1 / 255)
+        g.add_argument("--image-mean", default="0")
+        g.add_argument("--image-std", default="1")
+
+    f = sub.add_parser("fingerprint", help="compute a model's reference fingerprint")
+    f.add_argument("--model", required=True, help="ONNX file")
+    f.add_argument("--data", required=True, help="reference data (labelled): .npz, shard folder, Parquet, images")
+    f.add_argument("--out", required=True, help="output folder (fingerprint.json + fingerprint.npz)")
+    f.add_argument("--num-classes", type=int, default=None, help="for models without a logits output")
+    common(f)
+    images(f)
+    f.set_defaults(func=cmd_fingerprint)
+
+    s = sub.add_parser("score", help="score new data with RESQUE_dist or RESQUE_task")
+    ssub = s.add_subparsers(dest="kind", required=True)
+    d = ssub.add_parser("dist", help="RESQUE_dist against a fingerprint")
+    d.add_argument("--model", required=True)
+    d.add_argument("--fingerprint", required=True)
+    d.add_argument("--data", required=True)
+    d.add_argument("--labels", default="given", choices=["given", "predicted", "none"])
+    common(d, layer=False)
+    images(d)
+    d.set_defaults(func=cmd_score)
+    t = ssub.add_parser("task", help="RESQUE_task of a labelled new task")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True)
+    t.add_argument("--init", default="centroids", choices=["centroids", "k-means++"])
+    t.add_argument("--max-samples", type=int, default=20_000)
+    common(t)
+    images(t)
+    t.set_defaults(func=cmd_score)
+
+    e = sub.add_parser("export", help="export a torch model to ONNX with its representation layer")
+    e.add_argument("--factory", required=True, help="module:callable returning the torch model")
+    e.add_argument("--weights", help="state-dict file (loaded with weights_only=True)")
+    e.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,32,32")
+    e.add_argument("--layer", default=None, help="torch module name of the representation layer")
+    e.add_argument("--out", required=True)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    pub = sub.add_parser("publish", help="register an ONNX model with its fingerprint in MLflow")
+    pub.add_argument("--model", required=True)
+    pub.add_argument("--reference", required=True, help="labelled reference data")
+    pub.add_argument("--name", required=True)
+    pub.add_argument("--alias", default="champion")
+    pub.add_argument("--tracking-uri", required=True)
+    pub.add_argument("--weights", help="torch state dict to store beside the model, for retraining")
+    common(pub)
+    images(pub)
+    pub.set_defaults(func=cmd_publish)
+
+    g = sub.add_parser("gate", help="score new data against a registered model and decide")
+    g.add_argument("--model-uri", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    g.add_argument("--data", required=True)
+    g.add_argument("--tracking-uri", required=True)
+    g.add_argument("--registry-uri", default=None)
+    g.add_argument("--mode", default="dist", choices=["dist", "task"])
+    g.add_argument("--labels", default="given", choices=["given", "predicted", "none"])
+    g.add_argument("--reuse-threshold", type=float, default=None)
+    g.add_argument("--rebuild-threshold", type=float, default=None)
+    g.add_argument("--experiment", default="resque-gate")
+    common(g)
+    g.set_defaults(func=cmd_gate)
+
+    a = sub.add_parser("audit", help="the gate history of a registered model")
+    a.add_argument("--model", required=True)
+    a.add_argument("--tracking-uri", required=True)
+    a.add_argument("--registry-uri", default=None)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_audit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ResqueInputError as exc:
+        print(f"resque: error: {exc}", file=sys.stderr)
+        return 2
+    except RegistryError as exc:
+        print(f"resque: registry error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The scoring path shared by the CLI, the operator and the benchmarks: data -> ONNX Runtime -> summaries -> score.
+
+Everything here streams: memory is bounded by the batch size and the fixed-size feature sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.core.fingerprint import Fingerprint, ImageSpec, InputSpec, sha256_bytes
+from resque_airflow.core.metrics import resque_dist, resque_task
+from resque_airflow.core.summary import (
+    DEFAULT_SAMPLE_SIZE,
+    LABEL_SOURCES,
+    FeatureSummary,
+    Reservoir,
+    companion_signals,
+    sums_for,
+)
+from resque_airflow.runtime.embed import Embedder
+from resque_airflow.runtime.readers import DataSource
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int | None], None]
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_TASK_MAX_SAMPLES = 20_000
+
+
+def read_model(model: str | Path | bytes) -> tuple[bytes, str]:
+    """Model bytes and their sha256, from a local path or bytes."""
+    if isinstance(model, bytes):
+        return model, sha256_bytes(model)
+    path = Path(model)
+    if not path.is_file():
+        raise ResqueInputError(f"model: {path} not found")
+    data = path.read_bytes()
+    return data, sha256_bytes(data)
+
+
+@dataclass
+class PassStats:
+    """What one streaming pass saw: rows, whether labels came with the data, a content hash, timings (s)."""
+
+    n_samples: int = 0
+    labelled: bool | None = None
+    data_hash: str = ""
+    seconds: float = 0.0
+
+
+def _stream(
+    embedder: Embedder,
+    source: DataSource,
+    on_batch: Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], None],
+    progress: Progress | None,
+) -> PassStats:
+    """Run every batch of ``source`` through ``embedder``, handing features/logits/labels to ``on_batch``."""
+    stats = PassStats()
+    digest = hashlib.sha256()
+    t0 = time.perf_counter()
+    for eb in embedder.embed(source):
+        has_y = eb.labels is not None
+        if stats.labelled is not None and stats.labelled != has_y:
+            raise ResqueInputError(f"data: {source.uri}: some shards have labels (y) and others do not")
+        stats.labelled = has_y
+        # The hash covers what the model saw: pooled features are a deterministic function of the input.
+        digest.update(np.ascontiguousarray(eb.features).view(np.uint8))
+        if has_y:
+            digest.update(np.ascontiguousarray(eb.labels).view(np.uint8))
+        on_batch(eb.features, eb.logits, eb.labels)
+        stats.n_samples += eb.features.shape[0]
+        if progress is not None:
+            progress(stats.n_samples, source.n_hint)
+    stats.seconds = time.perf_counter() - t0
+    stats.data_hash = digest.hexdigest()
+    if stats.n_samples == 0:
+        raise ResqueInputError(f"data: {source.uri} holds no samples")
+    return stats
+
+
+def open_source(
+    uri: str, embedder: Embedder, *, batch_size: int, image_spec: ImageSpec | None, class_names: list[str] | None
+) -> DataSource:
+    return DataSource(
+        uri, batch_size=batch_size, image_spec=image_spec, image_size=embedder.image_size, class_names=class_names
+    )
+
+
+def fingerprint_model(
+    model: str | Path | bytes,
+    data: str,
+    *,
+    layer: str = "auto",
+    provider: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    image_spec: ImageSpec | None = None,
+    num_classes: int | None = None,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    progress: Progress | None = None,
+) -> Fingerprint:
+    """Compute a model's fingerprint from labelled reference data (one forward pass).
+
+    ``num_classes`` defaults to the width of the model's logits output; give it for models without one.
+    """
+    model_bytes, sha = read_model(model)
+    embedder = Embedder(model_bytes, layer=layer, provider=provider)
+    source = open_source(data, embedder, batch_size=batch_size, image_spec=image_spec, class_names=None)
+    state: dict = {}
+
+    def on_batch(feats, logits, labels):
+        if "summary" not in state:
+            k = num_classes or (logits.shape[1] if logits is not None else None)
+            if k is None:
+                raise ResqueInputError("num_classes: the model has no logits output; pass num_classes explicitly")
+            state["summary"] = FeatureSummary(k, feats.shape[1], sample_size=sample_size)
+        state["summary"].update(feats, logits, labels)
+
+    stats = _stream(embedder, source, on_batch, progress)
+    if not stats.labelled and embedder.exposed.logits_output is None:
+        raise ResqueInputError(f"data: {data} has no labels and the model has no logits; the fingerprint needs one")
+    log.info(
+        "fingerprint: %d reference samples through %s in %.1f s", stats.n_samples, embedder.provider, stats.seconds
+    )
+    return Fingerprint(
+        model_sha256=sha,
+        layer=embedder.exposed.layer,
+        pooling=embedder.exposed.pooling,
+        logits_output=embedder.exposed.logits_output,
+        input_spec=InputSpec(
+            name=embedder.input_name,
+            shape=embedder.input_shape,
+            dtype="float32",
+            image=image_spec if source.kind == "images" else None,
+        ),
+        summary=state["summary"],
+        class_names=source.class_names,
+        data_uri=str(data),
+    )
+
+
+@dataclass
+class ScoreResult:
+    """Everything one scoring pass produced; ``to_dict()`` is JSON-serialisable."""
+
+    mode: str
+    score: float
+    label_source: str
+    n_samples: int
+    n_classes: int
+    provider: str
+    layer: str
+    model_sha256: str
+    data_uri: str
+    data_hash: str
+    per_class: dict[int, float] = field(default_factory=dict)
+    classes_compared: list[int] = field(default_factory=list)
+    classes_missing: list[int] = field(default_factory=list)
+    signals: dict[str, float | None] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["per_class"] = {str(k): v for k, v in self.per_class.items()}
+        return out
+
+
+def summarise(
+    embedder: Embedder,
+    fingerprint: Fingerprint,
+    data: str,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> tuple[FeatureSummary, PassStats]:
+    """One pass of ``data`` through ``embedder`` into a :class:`FeatureSummary` shaped like the fingerprint's."""
+    ref = fingerprint.summary
+    summary = FeatureSummary(ref.num_classes, ref.dim, sample_size=ref.sample_size)
+    source = open_source(
+        data,
+        embedder,
+        batch_size=batch_size,
+        image_spec=fingerprint.input_spec.image,
+        class_names=fingerprint.class_names,
+    )
+    stats = _stream(embedder, source, summary.update, progress)
+    return summary, stats
+
+
+def score_summary(
+    fingerprint: Fingerprint, summary: FeatureSummary, *, label_source: str = "given", task_max_samples: int = 2000
+) -> tuple[object, dict]:
+    """RESQUE_dist of ``summary`` against the fingerprint under one label source, plus every companion signal."""
+    if label_source not in LABEL_SOURCES:
+        raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {label_source!r}")
+    if label_source == "given" and summary.given.n == 0:
+        raise ResqueInputError("labels='given' but the data has no labels (y); pass labels='predicted' or 'none'")
+    if label_source == "predicted" and summary.predicted.n == 0:
+        raise ResqueInputError("labels='predicted' but the model has no logits output; pass labels='given' or 'none'")
+    ref_sums = sums_for(fingerprint.summary, label_source)
+    if ref_sums.n == 0:
+        raise ResqueInputError(
+            f"labels={label_source!r}: the fingerprint holds no reference sums for this label source; "
+            "recompute it from labelled reference data"
+        )
+    dist = resque_dist(ref_sums, sums_for(summary, label_source))
+    signals = companion_signals(fingerprint.summary, summary, task_max_samples=task_max_samples)
+    return dist, signals
+
+
+def score_dist(
+    model: str | Path | bytes,
+    fingerprint: Fingerprint,
+    data: str,
+    *,
+    label_source: str = "given",
+    provider: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+    model_ref: str | None = None,
+) -> ScoreResult:
+    """RESQUE_dist of ``data`` against ``fingerprint`` with ``model`` (sha256-checked before anything runs)."""
+    model_bytes, sha = read_model(model)
+    fingerprint.check_model(sha, model_ref=model_ref or str(model if not isinstance(model, bytes) else "the model"))
+    if label_source not in LABEL_SOURCES:
+        raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {label_source!r}")
+    embedder = Embedder(model_bytes, layer=fingerprint.layer, provider=provider)
+    summary, stats = summarise(embedder, fingerprint, data, batch_size=batch_size, progress=progress)
+    dist, signals = score_summary(fingerprint, summary, label_source=label_source)
+    return ScoreResult(
+        mode="dist",
+        score=dist.value,
+        label_source=label_source,
+        n_samples=stats.n_samples,
+        n_classes=len(dist.classes_compared),
+        provider=embedder.provider,
+        layer=fingerprint.layer,
+        model_sha256=sha,
+        data_uri=str(data),
+        data_hash=stats.data_hash,
+        per_class=dist.per_class,
+        classes_compared=dist.classes_compared,
+        classes_missing=dist.classes_missing,
+        signals=signals,
+        seconds=stats.seconds,
+    )
+
+
+def score_task(
+    model: str | Path | bytes,
+    data: str,
+    *,
+    layer: str = "auto",
+    provider: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    init: str = "centroids",
+    max_samples: int | None = DEFAULT_TASK_MAX_SAMPLES,
+    image_spec: ImageSpec | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> ScoreResult:
+    """RESQUE_task of labelled new-task ``data`` under ``model``'s representation at ``layer``.
+
+    k-means needs the features in memory: at most ``max_samples`` rows are kept (a uniform reservoir sample,
+    then a stratified subsample inside :func:`resque_task`).
+    """
+    model_bytes, sha = read_model(model)
+    embedder = Embedder(model_bytes, layer=layer, provider=provider)
+    source = open_source(data, embedder, batch_size=batch_size, image_spec=image_spec, class_names=None)
+    state: dict = {}
+
+    def on_batch(feats, logits, labels):
+        if labels is None:
+            raise ResqueInputError(f"data: {data} has no labels (y); RESQUE_task needs the new task's labels")
+        if "res" not in state:
+            state["res"] = Reservoir(max_samples or np.iinfo(np.int64).max, feats.shape[1], seed)
+        y = np.asarray(labels)
+        if y.dtype.kind not in "iu":
+            raise ResqueInputError(f"labels: expected integer class labels, got dtype {y.dtype}")
+        state["res"].update(feats, y.astype(np.int64))
+
+    stats = _stream(embedder, source, on_batch, progress)
+    res: Reservoir = state["res"]
+    task = resque_task(res.x, res.y, init=init, max_samples=max_samples, seed=seed)
+    return ScoreResult(
+        mode="task",
+        score=task.value,
+        label_source="given",
+        n_samples=stats.n_samples,
+        n_classes=task.num_classes,
+        provider=embedder.provider,
+        layer=embedder.exposed.layer,
+        model_sha256=sha,
+        data_uri=str(data),
+        data_hash=stats.data_hash,
+        signals={"resque_task": task.value, "ari": task.ari},
+        seconds=stats.seconds,
+    )
