@@ -1,0 +1,123 @@
+"""Streaming readers: npz, npy, shard folders, Parquet, image folders, fsspec URLs; bounded memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from resque_airflow.core import ImageSpec, ResqueInputError
+from resque_airflow.runtime.embed import prefetch
+from resque_airflow.runtime.readers import DataSource
+
+
+def collect(src):
+    xs, ys = [], []
+    for b in src:
+        xs.append(b.x)
+        ys.append(b.y)
+    return np.concatenate(xs), (None if ys[0] is None else np.concatenate(ys))
+
+
+def test_npz_npy_and_shard_folder(tmp_path):
+    x = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
+    y = np.arange(50) % 3
+    np.savez(tmp_path / "one.npz", x=x, y=y)
+    np.save(tmp_path / "plain.npy", x.astype(np.float64))
+    (tmp_path / "shards").mkdir()
+    for i in range(3):
+        np.savez(tmp_path / "shards" / f"part-{i}.npz", x=x[i * 20 : (i + 1) * 20], y=y[i * 20 : (i + 1) * 20])
+    for uri, n in [(tmp_path / "one.npz", 50), (tmp_path / "shards", 50), (f"file://{tmp_path}/one.npz", 50)]:
+        got_x, got_y = collect(DataSource(str(uri), batch_size=7))
+        np.testing.assert_array_equal(got_x, x[:n])
+        np.testing.assert_array_equal(got_y, y[:n])
+    gx, gy = collect(DataSource(str(tmp_path / "plain.npy"), batch_size=16))
+    assert gx.dtype == np.float32 and gy is None and gx.shape == (50, 4)
+
+
+def test_memory_filesystem_url():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with fs.open("/resque-test/data.npz", "wb") as f:
+        np.savez(f, x=np.ones((5, 2), np.float32), y=np.zeros(5, int))
+    gx, gy = collect(DataSource("memory://resque-test/data.npz"))
+    assert gx.shape == (5, 2) and gy.tolist() == [0] * 5
+
+
+def test_parquet_columns_and_list_column(tmp_path):
+    table = pa.table({"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0, 6.0], "label": [0, 1, 1]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    gx, gy = collect(DataSource(str(tmp_path / "d.parquet")))
+    np.testing.assert_array_equal(gx, [[1, 4], [2, 5], [3, 6]])
+    assert gy.tolist() == [0, 1, 1]
+    pq.write_table(pa.table({"x": [[1.0, 2.0], [3.0, 4.0]]}), tmp_path / "l.parquet")
+    gx, gy = collect(DataSource(str(tmp_path / "l.parquet")))
+    assert gx.shape == (2, 2) and gy is None
+
+
+def test_image_folder_is_decoded_resized_and_scaled(tmp_path):
+    for cls, value in (("cat", 255), ("dog", 0)):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("L", (16, 16), value).save(tmp_path / cls / f"{i}.png")
+    src = DataSource(
+        str(tmp_path), batch_size=4, image_spec=ImageSpec(mode="L", scale=1 / 255, mean=(0.5,), std=(0.5,)), image_size=(8, 8)
+    )
+    gx, gy = collect(src)
+    assert gx.shape == (6, 1, 8, 8) and src.class_names == ["cat", "dog"]
+    np.testing.assert_allclose(gx[gy == 0], 1.0)
+    np.testing.assert_allclose(gx[gy == 1], -1.0)
+    (tmp_path / "cat" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ResqueInputError, match=r"broken\.png cannot be decoded"):
+        collect(DataSource(str(tmp_path), image_size=(8, 8)))
+    with pytest.raises(ResqueInputError, match=r"class folders \['dog'\]"):
+        DataSource(str(tmp_path), class_names=["cat", "bird"])
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ResqueInputError, match="unknown or unavailable URL scheme 'nosuchscheme'"):
+        DataSource("nosuchscheme://bucket/data.npz")
+    with pytest.raises(ResqueInputError, match="does not exist"):
+        DataSource(str(tmp_path / "missing.npz"))
+    np.savez(tmp_path / "ints.npz", x=np.ones((3, 2), np.uint8))
+    with pytest.raises(ResqueInputError, match="dtype uint8"):
+        collect(DataSource(str(tmp_path / "ints.npz")))
+    np.savez(tmp_path / "nox.npz", features=np.ones((3, 2)))
+    with pytest.raises(ResqueInputError, match="expected 'x'"):
+        collect(DataSource(str(tmp_path / "nox.npz")))
+    (tmp_path / "shards").mkdir()
+    np.savez(tmp_path / "shards" / "a.npz", x=np.ones((3, 2), np.float32))
+    (tmp_path / "shards" / "b.npz").write_bytes(b"garbage")
+    with pytest.raises(ResqueInputError, match=r"cannot read shard .*b\.npz"):
+        collect(DataSource(str(tmp_path / "shards")))
+
+
+def test_prefetch_reads_ahead_a_bounded_number_of_batches():
+    produced = []
+
+    def source():
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    it = prefetch(source(), depth=2)
+    first = next(it)
+    import time
+
+    time.sleep(0.2)  # give the reader thread time to run ahead as far as it may
+    assert first == 0 and len(produced) <= 4  # one consumed, two queued, one blocked in put
+    assert list(it) == list(range(1, 100))
+
+
+def test_prefetch_reraises_reader_errors():
+    def source():
+        yield 1
+        raise ResqueInputError("data: shard 2 is broken")
+
+    it = prefetch(source())
+    assert next(it) == 1
+    with pytest.raises(ResqueInputError, match="shard 2"):
+        next(it)
