@@ -59,3 +59,10 @@ def decide(score: float, thresholds: Thresholds) -> Decision:
     if score > thresholds.rebuild:
         return Decision.REBUILD
     return Decision.RETRAIN
+
+
+# Defaults per mode. Where they come from (the benchmark run and the reasoning) is in docs/THRESHOLDS.md.
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "dist": Thresholds(reuse=0.02, rebuild=0.25),
+    "task": Thresholds(reuse=0.2, rebuild=0.7),
+}

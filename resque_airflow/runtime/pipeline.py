@@ -215,6 +215,37 @@ def score_summary(
     return dist, signals
 
 
+def dist_result(
+    fingerprint: Fingerprint,
+    summary: FeatureSummary,
+    *,
+    label_source: str,
+    provider: str,
+    data_uri: str,
+    data_hash: str,
+    seconds: float = 0.0,
+) -> ScoreResult:
+    """Score a new-data summary (one pass, or merged shards) against the fingerprint."""
+    dist, signals = score_summary(fingerprint, summary, label_source=label_source)
+    return ScoreResult(
+        mode="dist",
+        score=dist.value,
+        label_source=label_source,
+        n_samples=summary.n,
+        n_classes=len(dist.classes_compared),
+        provider=provider,
+        layer=fingerprint.layer,
+        model_sha256=fingerprint.model_sha256,
+        data_uri=str(data_uri),
+        data_hash=data_hash,
+        per_class=dist.per_class,
+        classes_compared=dist.classes_compared,
+        classes_missing=dist.classes_missing,
+        signals=signals,
+        seconds=seconds,
+    )
+
+
 def score_dist(
     model: str | Path | bytes,
     fingerprint: Fingerprint,
@@ -233,24 +264,10 @@ def score_dist(
         raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {label_source!r}")
     embedder = Embedder(model_bytes, layer=fingerprint.layer, provider=provider)
     summary, stats = summarise(embedder, fingerprint, data, batch_size=batch_size, progress=progress)
-    dist, signals = score_summary(fingerprint, summary, label_source=label_source)
-    return ScoreResult(
-        mode="dist",
-        score=dist.value,
-        label_source=label_source,
-        n_samples=stats.n_samples,
-        n_classes=len(dist.classes_compared),
-        provider=embedder.provider,
-        layer=fingerprint.layer,
-        model_sha256=sha,
-        data_uri=str(data),
-        data_hash=stats.data_hash,
-        per_class=dist.per_class,
-        classes_compared=dist.classes_compared,
-        classes_missing=dist.classes_missing,
-        signals=signals,
-        seconds=stats.seconds,
-    )
+    return dist_result(
+        fingerprint, summary, label_source=label_source, provider=embedder.provider, data_uri=data,
+        data_hash=stats.data_hash, seconds=stats.seconds,
+    )  # fmt: skip
 
 
 def score_task(

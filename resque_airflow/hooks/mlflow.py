@@ -1,0 +1,76 @@
+"""Airflow hook for the ``mlflow`` connection type: ``host`` is the tracking URI."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+
+class MlflowHook(BaseHook):
+    """Builds an :class:`mlflow.MlflowClient` from an Airflow connection.
+
+    Connection fields: ``host`` = tracking URI (``http://mlflow:5000`` or ``sqlite:////abs/path.db``);
+    extra ``registry_uri`` when the registry differs; ``login`` / ``password`` for a server behind basic auth
+    (or ``password`` alone as a bearer token). Credentials are handed to MLflow through the environment variables it
+    reads, and are never logged.
+
+    Example connection as an environment variable::
+
+        AIRFLOW_CONN_MLFLOW_DEFAULT='{"conn_type": "mlflow", "host": "http://mlflow:5000"}'
+    """
+
+    conn_name_attr = "mlflow_conn_id"
+    default_conn_name = "mlflow_default"
+    conn_type = "mlflow"
+    hook_name = "MLflow"
+
+    def __init__(self, mlflow_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mlflow_conn_id = mlflow_conn_id
+        self._conn = None
+
+    @property
+    def connection(self):
+        if self._conn is None:
+            self._conn = self.get_connection(self.mlflow_conn_id)
+        return self._conn
+
+    @property
+    def tracking_uri(self) -> str:
+        host = (self.connection.host or "").strip()
+        if not host:
+            from resque_airflow.core.errors import ResqueInputError
+
+            raise ResqueInputError(
+                f"connection {self.mlflow_conn_id!r}: host is empty; set it to the MLflow tracking URI"
+            )
+        if "://" not in host:  # a bare host name from the UI form
+            port = f":{self.connection.port}" if self.connection.port else ""
+            host = f"http://{host}{port}"
+        return host
+
+    @property
+    def registry_uri(self) -> str | None:
+        return (self.connection.extra_dejson or {}).get("registry_uri") or None
+
+    def get_client(self):
+        """An :class:`mlflow.MlflowClient` for this connection."""
+        from resque_airflow.registry.client import make_client
+
+        conn = self.connection
+        if conn.login:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
+        elif conn.password:
+            os.environ["MLFLOW_TRACKING_TOKEN"] = conn.password
+        return make_client(self.tracking_uri, self.registry_uri)
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Used by the Airflow UI's "Test" button."""
+        try:
+            self.get_client().search_experiments(max_results=1)
+        except Exception as exc:
+            return False, str(exc).splitlines()[0]
+        return True, f"reached MLflow at {self.tracking_uri}"

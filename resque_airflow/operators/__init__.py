@@ -1,0 +1,1 @@
+"""Airflow operators: the gate and the shard scorer."""

@@ -1,0 +1,187 @@
+"""``ResqueGateOperator``: score new data against the production model in MLflow and branch on the decision."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseBranchOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+if TYPE_CHECKING:
+    from airflow.sdk.definitions.context import Context
+
+log = logging.getLogger(__name__)
+
+
+class ResqueGateError(AirflowException):
+    """The gate could not decide. The message says what failed and where to look; Airflow may retry it."""
+
+
+class ResqueBadInputError(ResqueGateError, AirflowFailException):
+    """The gate's input is wrong (data, model, fingerprint, parameters): retrying cannot help, so it fails fast."""
+
+
+class ResqueGateOperator(BaseBranchOperator):
+    """Gate a production model on new data with RESQUE and follow the reuse, retrain or rebuild branch.
+
+    One forward pass of ``data`` through the model at ``models:/<model_name>@<model_alias>`` (ONNX Runtime; CUDA
+    when present) gives RESQUE_dist against the model's fingerprint (``mode="dist"``) or RESQUE_task of a labelled
+    new task (``mode="task"``). The score, companion signals and decision are logged as a gate run in the MLflow
+    experiment ``experiment_name``, the model version is tagged, and the DAG branches:
+
+    - score <= ``reuse_threshold``: ``reuse_task_id`` (or ``retrain_task_id`` when no reuse branch is given);
+    - score > ``rebuild_threshold``: ``rebuild_task_id``;
+    - otherwise: ``retrain_task_id``.
+
+    The full result (score, decision, model version, gate run id, provider, counts, signals) is returned, so it is
+    pushed to XCom as ``return_value``; it is JSON-serialisable. Branch ids may be task ids or task-group ids.
+
+    On bad input the task fails without retry (:class:`ResqueBadInputError`); when the registry is unreachable it
+    fails with :class:`ResqueGateError` (retryable). Either way no model-version tag is written and the gate run,
+    if one was opened, is marked failed. A retry of the same task instance leaves exactly one gate run.
+
+    :param model_name: registered model name. (templated)
+    :param model_alias: alias of the version to gate (``champion``); or use ``model_version``. (templated)
+    :param model_version: a version number, instead of the alias. (templated)
+    :param data: path or fsspec URL of the new data: ``.npz``/``.npy`` (folder of shards), Parquet, image
+        folder. (templated)
+    :param mode: ``"dist"`` (distribution shift) or ``"task"`` (new task).
+    :param labels: label source for ``dist``: ``"given"``, ``"predicted"`` or ``"none"``.
+    :param layer: representation tensor for ``task`` mode (``dist`` uses the fingerprint's).
+    :param provider: ``"auto"``, ``"cuda"`` or ``"cpu"``.
+    :param reuse_threshold: score at or below which the model is reused (default: measured, docs/THRESHOLDS.md).
+    :param rebuild_threshold: score above which the model is rebuilt (default: measured).
+    :param retrain_task_id: branch for retraining (required).
+    :param rebuild_task_id: branch for rebuilding (required).
+    :param reuse_task_id: branch for reuse (optional).
+    :param shard_summaries: fan-in: URIs written by mapped
+        :class:`~resque_airflow.operators.shard.ResqueShardOperator` tasks; scored instead of ``data``. (templated)
+    :param mlflow_conn_id: Airflow connection of type ``mlflow``.
+    :param experiment_name: MLflow experiment holding the gate runs.
+    """
+
+    template_fields: Sequence[str] = (
+        "model_name", "model_alias", "model_version", "data", "experiment_name", "shard_summaries",
+    )  # fmt: skip
+    ui_color = "#e8d6f5"
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        data: str,
+        retrain_task_id: str | Iterable[str],
+        rebuild_task_id: str | Iterable[str],
+        reuse_task_id: str | Iterable[str] | None = None,
+        model_alias: str | None = "champion",
+        model_version: str | int | None = None,
+        mode: str = "dist",
+        labels: str = "given",
+        layer: str = "auto",
+        provider: str = "auto",
+        reuse_threshold: float | None = None,
+        rebuild_threshold: float | None = None,
+        mlflow_conn_id: str = "mlflow_default",
+        experiment_name: str = "resque-gate",
+        batch_size: int = 256,
+        shard_summaries: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.shard_summaries = shard_summaries
+        self.model_name = model_name
+        self.model_alias = model_alias
+        self.model_version = model_version
+        self.data = data
+        self.mode = mode
+        self.labels = labels
+        self.layer = layer
+        self.provider = provider
+        self.reuse_threshold = reuse_threshold
+        self.rebuild_threshold = rebuild_threshold
+        self.reuse_task_id = reuse_task_id
+        self.retrain_task_id = retrain_task_id
+        self.rebuild_task_id = rebuild_task_id
+        self.mlflow_conn_id = mlflow_conn_id
+        self.experiment_name = experiment_name
+        self.batch_size = batch_size
+        self.outcome: dict | None = None
+
+    @property
+    def model_uri(self) -> str:
+        if self.model_version not in (None, ""):
+            return f"models:/{self.model_name}/{self.model_version}"
+        return f"models:/{self.model_name}@{self.model_alias}"
+
+    def branch_for(self, decision) -> list[str]:
+        """Task (or task-group) ids to follow for ``decision``."""
+        target = {
+            "reuse": self.reuse_task_id if self.reuse_task_id else self.retrain_task_id,
+            "retrain": self.retrain_task_id,
+            "rebuild": self.rebuild_task_id,
+        }[str(decision)]
+        return [target] if isinstance(target, str) else list(target)
+
+    def choose_branch(self, context: Context) -> list[str]:
+        """Run the gate and return the branch for its decision; the full result is kept in ``self.outcome``."""
+        from resque_airflow.core.errors import ResqueInputError
+        from resque_airflow.hooks.mlflow import MlflowHook
+        from resque_airflow.registry.gate import AirflowInfo, GateRequest, run_gate
+
+        ti = context["ti"]
+        request = GateRequest(
+            model_uri=self.model_uri, data=str(self.data), mode=self.mode, label_source=self.labels, layer=self.layer,
+            provider=self.provider, reuse_threshold=self.reuse_threshold, rebuild_threshold=self.rebuild_threshold,
+            experiment_name=self.experiment_name, batch_size=self.batch_size,
+            shard_summaries=None if self.shard_summaries is None else [str(u) for u in self.shard_summaries],
+        )  # fmt: skip
+        airflow = AirflowInfo(
+            dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=int(ti.try_number or 1),
+            map_index=int(getattr(ti, "map_index", -1) or -1),
+        )  # fmt: skip
+        where = f"MLflow experiment {self.experiment_name!r} (connection {self.mlflow_conn_id!r})"
+        try:
+            hook = MlflowHook(self.mlflow_conn_id)
+            outcome = run_gate(
+                request,
+                tracking_uri=hook.tracking_uri,
+                registry_uri=hook.registry_uri,
+                airflow=airflow,
+                branch_for=self.branch_for,
+                progress=_LogProgress(),
+            )
+        except ResqueInputError as exc:
+            raise ResqueBadInputError(f"RESQUE gate on {self.model_uri}: bad input: {exc}") from exc
+        except Exception as exc:
+            if isinstance(exc, AirflowException):
+                raise
+            raise ResqueGateError(
+                f"RESQUE gate on {self.model_uri} failed: {type(exc).__name__}: {exc}. Look at the task log and the "
+                f"gate runs in {where}"
+            ) from exc
+        self.outcome = outcome.to_dict(per_class=False)
+        return outcome.branch
+
+    def execute(self, context: Context) -> dict:
+        self.do_branch(context, self.choose_branch(context))
+        return self.outcome
+
+
+class _LogProgress:
+    """Periodic percentage lines in the task log (every 10%, or every 10 batches when the size is unknown)."""
+
+    def __init__(self) -> None:
+        self.last = -1
+        self.calls = 0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self.calls += 1
+        if total:
+            pct = int(100 * done / total) // 10 * 10
+            if pct > self.last:
+                self.last = pct
+                log.info("scoring: %d%% (%d / %d samples)", pct, done, total)
+        elif self.calls % 10 == 0:
+            log.info("scoring: %d samples", done)

@@ -1,0 +1,88 @@
+"""MLflow client construction and model-version resolution (aliases, no stages)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from resque_airflow.core.errors import RegistryError, ResqueInputError
+
+_URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def make_client(tracking_uri: str, registry_uri: str | None = None):
+    """An :class:`mlflow.MlflowClient` bound explicitly to ``tracking_uri`` (and ``registry_uri``).
+
+    A relative ``sqlite:///`` path is refused: Airflow task processes do not share the caller's working directory.
+    """
+    if not tracking_uri:
+        raise ResqueInputError(
+            "tracking_uri: empty; give the MLflow tracking URI (http://host:5000 or sqlite:////abs/path.db)"
+        )
+    for uri in (tracking_uri, registry_uri):
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            raise ResqueInputError(f"tracking_uri: {uri!r} is a relative SQLite path; use sqlite:////absolute/path.db")
+    # An unreachable server should fail a gate in seconds, not after MLflow's default ~2 minutes of backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, uri: str) -> ModelRef:
+        m = _URI.match(uri or "")
+        if not m:
+            raise ResqueInputError(f"model_uri: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+        return cls(m["name"], m["alias"], m["version"])
+
+    def __str__(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+
+def registry_call(what: str, fn, *args, **kwargs):
+    """Call MLflow, turning connection failures into :class:`RegistryError` that says what was being done."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise RegistryError(f"MLflow: {what} failed: {str(exc).splitlines()[0][:300]}") from exc
+    except (OSError, ConnectionError) as exc:
+        raise RegistryError(f"MLflow: {what} failed (registry unreachable?): {exc}") from exc
+
+
+def resolve_version(client, ref: ModelRef):
+    """The :class:`~mlflow.entities.model_registry.ModelVersion` that ``ref`` points at.
+
+    Raises:
+        RegistryError: the model, alias or version does not exist (the message lists what does).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if ref.alias:
+            return registry_call(f"resolving {ref}", client.get_model_version_by_alias, ref.name, ref.alias)
+        return registry_call(f"resolving {ref}", client.get_model_version, ref.name, ref.version)
+    except MlflowException as exc:
+        try:
+            model = client.get_registered_model(ref.name)
+        except MlflowException:
+            raise RegistryError(
+                f"MLflow: no registered model named {ref.name!r}; publish it first (resque publish)"
+            ) from exc
+        known = sorted(model.aliases) if ref.alias else [v.version for v in model.latest_versions]
+        what = f"alias {ref.alias!r}" if ref.alias else f"version {ref.version}"
+        raise RegistryError(f"MLflow: model {ref.name!r} has no {what}; it has {known}") from exc

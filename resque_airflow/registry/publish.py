@@ -1,0 +1,136 @@
+"""Publish a model: register the ONNX file with its fingerprint (and optionally torch weights and training cost)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.core.fingerprint import ImageSpec, sha256_file
+from resque_airflow.registry import names
+from resque_airflow.registry.client import make_client, registry_call
+from resque_airflow.runtime.graph import load_model
+from resque_airflow.runtime.pipeline import Progress, fingerprint_model
+
+log = logging.getLogger(__name__)
+
+MODELS_EXPERIMENT = "resque-models"
+# Passed explicitly: MLflow's inference lists both onnxruntime and onnxruntime-gpu, which conflict.
+PIP_REQUIREMENTS = ["onnx>=1.17", "onnxruntime>=1.20"]
+TORCH_FACTORY_TAG = "resque.torch_factory"
+MODEL_SHA_TAG = "resque.model_sha256"
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    version: str
+    alias: str
+    run_id: str
+    model_sha256: str
+    n_reference: int
+    reference_accuracy: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def publish_model(
+    *,
+    tracking_uri: str,
+    name: str,
+    model_path: str | Path,
+    reference: str,
+    alias: str = "champion",
+    layer: str = "auto",
+    provider: str = "auto",
+    image_spec: ImageSpec | None = None,
+    weights_path: str | Path | None = None,
+    torch_factory: str | None = None,
+    training_cost: dict[str, float] | None = None,
+    registry_uri: str | None = None,
+    experiment_name: str = MODELS_EXPERIMENT,
+    progress: Progress | None = None,
+) -> Published:
+    """Register ``model_path`` as a new version of ``name`` with its fingerprint, and point ``alias`` at it.
+
+    The fingerprint is computed from the labelled ``reference`` data and stored inside the model version's folder
+    (``extra_files/``), bound to the exact ``model.onnx`` bytes by sha256. ``weights_path`` (a torch state dict)
+    and ``torch_factory`` (``module:callable``) let retrain tasks rebuild the torch model later.
+    ``training_cost`` (keys of :data:`names.COST_METRICS`) is logged on the version's run, so the rebuild cost is
+    on file. The version is created, and the alias moved, only after everything else is stored.
+    """
+    import mlflow.onnx
+
+    if not name:
+        raise ResqueInputError("name: the registered model name is empty")
+    proto = load_model(str(model_path))
+    model_bytes = proto.SerializeToString()
+    fp = fingerprint_model(
+        model_bytes, reference, layer=layer, provider=provider, image_spec=image_spec, progress=progress
+    )
+    client = make_client(tracking_uri, registry_uri)
+    exp = registry_call("reading the models experiment", client.get_experiment_by_name, experiment_name)
+    exp_id = (
+        exp.experiment_id if exp else registry_call("creating an experiment", client.create_experiment, experiment_name)
+    )
+    tags = {names.KIND_TAG: names.KIND_TRAIN, names.MODEL_NAME_TAG: name}
+    run = registry_call("creating the publish run", client.create_run, exp_id, tags=tags, run_name=f"publish-{name}")
+    run_id = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory(prefix="resque-publish-") as tmp:
+            fp_dir = fp.save(Path(tmp) / "fingerprint")
+            model_dir = Path(tmp) / "model"
+            mlflow.onnx.save_model(
+                proto,
+                str(model_dir),
+                pip_requirements=PIP_REQUIREMENTS,
+                save_as_external_data=False,
+                extra_files=[str(fp_dir / "fingerprint.json"), str(fp_dir / "fingerprint.npz")],
+            )
+            if sha256_file(model_dir / "model.onnx") != fp.model_sha256:
+                raise ResqueInputError("publish: the saved model.onnx differs from the fingerprinted bytes")
+            client.log_artifacts(run_id, str(model_dir), names.MODEL_ARTIFACT)
+            if weights_path:
+                client.log_artifact(run_id, str(weights_path), names.WEIGHTS_ARTIFACT)
+        from mlflow.entities import Metric, Param
+
+        params = {
+            "layer": fp.layer, "pooling": fp.pooling, "reference_uri": str(reference), "n_reference": fp.n_samples,
+            "num_classes": fp.num_classes, "model_sha256": fp.model_sha256,
+        }  # fmt: skip
+        metrics = {"reference_accuracy": fp.summary.accuracy} | dict(training_cost or {})
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None],
+            params=[Param(k, str(v)) for k, v in params.items()],
+        )
+        if not registry_call("reading the registered model", _exists, client, name):
+            client.create_registered_model(name, description="Registered by airflow-provider-resque")
+        mv_tags = {MODEL_SHA_TAG: fp.model_sha256, names.TRAIN_RUN_MV_TAG: run_id}
+        if torch_factory:
+            mv_tags[TORCH_FACTORY_TAG] = torch_factory
+        mv = client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/{names.MODEL_ARTIFACT}", run_id=run_id, tags=mv_tags
+        )
+        client.set_registered_model_alias(name, alias, mv.version)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    log.info("published %s version %s as @%s (%d reference samples)", name, mv.version, alias, fp.n_samples)
+    return Published(name, str(mv.version), alias, run_id, fp.model_sha256, fp.n_samples, fp.summary.accuracy)
+
+
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
