@@ -51,13 +51,16 @@ def fetch_model(client, version, dst: str | os.PathLike, *, need_fingerprint: bo
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     uri = f"models:/{version.name}/{version.version}"
+    # The version's own artifact location, downloaded with this client's tracking URI: resolving ``models:/``
+    # through mlflow.artifacts would consult the process-wide registry URI instead.
+    source = registry_call(f"locating {uri}", client.get_model_version_download_uri, version.name, version.version)
     local = Path(
         registry_call(
             f"downloading {uri}",
             mlflow.artifacts.download_artifacts,
-            artifact_uri=uri,
+            artifact_uri=source,
             dst_path=str(dst),
-            tracking_uri=client._tracking_client.tracking_uri,
+            tracking_uri=client.tracking_uri,
         )
     )
     check_inside(dst)
