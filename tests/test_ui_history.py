@@ -1,0 +1,337 @@
+"""The audit trail read back from a real SQLite MLflow registry: history, detail, table, JSON and ``resque audit``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resque_airflow.registry import names
+from resque_airflow.ui import history
+
+MODEL = "resnet-cifar"
+OTHER_MODEL = "intent-bert"
+T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+DAY_MS = 86_400_000
+N_CLASSES = 10
+
+# (version, score, decision, branch, status, label_source, predicted epochs (value, low, high) or None, per-class)
+GATES: list[dict[str, Any]] = [
+    {"version": "1", "score": 0.012, "decision": "reuse", "branch": "reuse", "label_source": "given"},
+    {
+        "version": "1",
+        "score": 0.085,
+        "decision": "retrain",
+        "branch": "retrain",
+        "label_source": "given",
+        "predicted": {"epochs_to_target": (12.0, 8.0, 16.0), "wall_s": (300.0, 200.0, 420.0)},
+    },
+    {"version": "2", "score": 0.31, "decision": "rebuild", "branch": "rebuild", "label_source": "predicted"},
+    {"version": "2", "score": None, "decision": None, "branch": None, "label_source": "none", "status": "failed"},
+    {
+        "version": "2",
+        "score": 0.015,
+        "decision": "reuse",
+        "branch": "<img src=x onerror=alert(1)>",
+        "label_source": "none",
+    },
+]
+RETRAIN_COST = {"epochs_to_target": 14.0, "wall_s": 351.5, "energy_kwh": 0.042, "emissions_kg": 0.011}
+
+
+def per_class_angles(i: int) -> dict[str, float]:
+    """Per-class angles of gate ``i`` as the gate writes them (class index as a string -> angle in [0, 1])."""
+    return {str(k): round(0.01 + 0.02 * k + 0.05 * i, 4) for k in range(N_CLASSES)}
+
+
+def build_gate_registry(root: Path) -> dict[str, Any]:
+    """A SQLite MLflow registry in ``root`` with gate runs written with exactly the names of ``names.py``.
+
+    Returns the tracking URI, the gate run ids (in GATES order), the retrain run id and the other model's run id.
+    """
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    artifacts = (root / "artifacts").resolve()
+    gate_exp = client.create_experiment(names.DEFAULT_EXPERIMENT, artifact_location=(artifacts / "gate").as_uri())
+    retrain_exp = client.create_experiment(names.RETRAIN_EXPERIMENT, artifact_location=(artifacts / "retrain").as_uri())
+    model_exp = client.create_experiment("models", artifact_location=(artifacts / "models").as_uri())
+
+    # The registered model and two versions (their source runs hold a placeholder artifact).
+    client.create_registered_model(MODEL)
+    for version in ("1", "2"):
+        src = client.create_run(model_exp, tags={names.KIND_TAG: names.KIND_TRAIN})
+        client.log_text(src.info.run_id, "placeholder", "model/MLmodel")
+        client.set_terminated(src.info.run_id)
+        mv = client.create_model_version(MODEL, f"runs:/{src.info.run_id}/model", run_id=src.info.run_id)
+        assert str(mv.version) == version
+
+    gate_ids = []
+    for i, gate in enumerate(GATES):
+        start = T0_MS + i * DAY_MS
+        run = client.create_run(gate_exp, start_time=start, run_name=f"gate-{i}")
+        rid = run.info.run_id
+        params = {
+            "model_name": MODEL,
+            "model_version": gate["version"],
+            "model_alias": "champion",
+            "model_sha256": "ab" * 32,
+            "data_uri": f"s3://bucket/batch-{i}.parquet",
+            "data_hash": f"{i:064x}",
+            "mode": "dist",
+            "layer": "/layer4/layer4.1/conv2/Conv_output_0",
+            "label_source": gate["label_source"],
+            "provider": "CPUExecutionProvider",
+            "n_samples": "4000",
+            "n_classes": str(N_CLASSES),
+            "reuse_threshold": "0.02",
+            "rebuild_threshold": "0.2",
+            "policy": "thresholds",
+            "airflow_dag_id": "resque_gate",
+            "airflow_run_id": f"scheduled__2026-01-0{i + 1}",
+            "airflow_task_id": "gate",
+            "airflow_try_number": "1",
+        }
+        assert set(params) == set(names.GATE_PARAMS)
+        tags = {
+            names.KIND_TAG: names.KIND_GATE,
+            names.GATE_KEY_TAG: f"resque_gate/scheduled__2026-01-0{i + 1}/gate/-1",
+            names.STATUS_TAG: gate.get("status", "decided"),
+            names.MODEL_NAME_TAG: MODEL,
+            names.MODEL_VERSION_TAG: gate["version"],
+        }
+        if gate["decision"]:
+            tags[names.DECISION_TAG] = gate["decision"]
+            tags[names.BRANCH_TAG] = gate["branch"]
+        metrics = []
+        if gate["score"] is not None:
+            metrics.append(Metric(names.SCORE_METRIC, gate["score"], start + 1000, 0))
+            metrics.append(Metric("resque_dist", gate["score"], start + 1000, 0))
+            metrics.append(Metric("mmd", 0.5 * gate["score"], start + 1000, 0))
+            metrics.append(Metric("confidence_drop", float("nan"), start + 1000, 0))  # NaN must not break JSON
+        for cost, (value, low, high) in gate.get("predicted", {}).items():
+            metrics += [
+                Metric(f"predicted_{cost}", value, start + 1000, 0),
+                Metric(f"predicted_{cost}_low", low, start + 1000, 0),
+                Metric(f"predicted_{cost}_high", high, start + 1000, 0),
+            ]
+        client.log_batch(
+            rid,
+            metrics=metrics,
+            params=[Param(k, v) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        if gate["score"] is not None:
+            result = {
+                "score": gate["score"],
+                "decision": gate["decision"],
+                "per_class": per_class_angles(i),
+                "classes_compared": list(range(N_CLASSES)),
+                "classes_missing": [],
+            }
+            client.log_text(rid, json.dumps(result), names.GATE_RESULT_ARTIFACT)
+        client.set_terminated(rid, status="FAILED" if gate.get("status") == "failed" else "FINISHED")
+        gate_ids.append(rid)
+        if gate["decision"]:
+            client.set_model_version_tag(MODEL, gate["version"], names.MV_TAG_SCORE, str(gate["score"]))
+            client.set_model_version_tag(MODEL, gate["version"], names.MV_TAG_DECISION, gate["decision"])
+            client.set_model_version_tag(MODEL, gate["version"], names.MV_TAG_GATE_RUN, rid)
+
+    # The retraining that gate 1 triggered, in another experiment.
+    retrain = client.create_run(
+        retrain_exp,
+        start_time=T0_MS + DAY_MS + 3_600_000,
+        tags={names.KIND_TAG: names.KIND_RETRAIN, names.GATE_RUN_TAG: gate_ids[1], names.SOURCE_VERSION_TAG: "1"},
+    )
+    client.log_batch(
+        retrain.info.run_id,
+        metrics=[Metric(k, v, T0_MS + 2 * DAY_MS, 0) for k, v in RETRAIN_COST.items()]
+        + [Metric(names.CENSORED_METRIC, 0.0, T0_MS + 2 * DAY_MS, 0)],
+    )
+    client.set_terminated(retrain.info.run_id)
+
+    # Another model with one gate run, and a non-gate run in the gate experiment that must be ignored.
+    other = client.create_run(
+        gate_exp,
+        start_time=T0_MS,
+        tags={names.KIND_TAG: names.KIND_GATE, names.MODEL_NAME_TAG: OTHER_MODEL, names.DECISION_TAG: "reuse"},
+    )
+    client.log_metric(other.info.run_id, names.SCORE_METRIC, 0.001)
+    client.set_terminated(other.info.run_id)
+    stray = client.create_run(gate_exp, tags={names.MODEL_NAME_TAG: MODEL})
+    client.set_terminated(stray.info.run_id)
+    return {"uri": uri, "gate_ids": gate_ids, "retrain_id": retrain.info.run_id, "other_id": other.info.run_id}
+
+
+_SHARED: dict[str, dict[str, Any]] = {}
+
+
+def shared_registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One registry per test session, shared with ``test_ui_browser`` (building one takes ~5-10 s). Read-only use."""
+    if "registry" not in _SHARED:
+        _SHARED["registry"] = build_gate_registry(tmp_path_factory.mktemp("ui-registry"))
+    return _SHARED["registry"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return shared_registry(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def client(registry: dict[str, Any]):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+
+
+def test_models_with_gates(client) -> None:
+    assert history.models_with_gates(client) == sorted([MODEL, OTHER_MODEL])
+    assert history.models_with_gates(client, experiment_names=None) == sorted([MODEL, OTHER_MODEL])
+    assert history.models_with_gates(client, experiment_names=("no-such-experiment",)) == []
+
+
+def test_gate_history_records(client, registry: dict[str, Any]) -> None:
+    records = history.gate_history(client, MODEL, mlflow_ui_base="http://mlflow.example:5000/")
+    assert [r.run_id for r in records] == registry["gate_ids"]  # oldest first, stray run left out
+    assert [r.score for r in records] == [g["score"] for g in GATES]
+    assert [r.decision for r in records] == [g["decision"] for g in GATES]
+    assert [r.model_version for r in records] == [g["version"] for g in GATES]
+    assert records[4].branch == GATES[4]["branch"]
+    assert records[3].status == "failed" and records[3].run_status == "FAILED"
+    assert records[0].start_time == "2026-01-01T00:00:00+00:00"
+    first = records[0]
+    assert first.thresholds == {"reuse": 0.02, "rebuild": 0.2}
+    assert (first.mode, first.label_source, first.provider, first.n_samples, first.n_classes) == (
+        "dist",
+        "given",
+        "CPUExecutionProvider",
+        4000,
+        N_CLASSES,
+    )
+    assert first.airflow == {
+        "dag_id": "resque_gate",
+        "run_id": "scheduled__2026-01-01",
+        "task_id": "gate",
+        "try_number": "1",
+    }
+    assert first.signals == {"resque_dist": 0.012, "mmd": 0.006, "confidence_drop": None}
+    assert first.per_class is None  # loaded lazily by gate_detail
+    exp_id = first.experiment_id
+    assert first.mlflow_url == f"http://mlflow.example:5000/#/experiments/{exp_id}/runs/{first.run_id}"
+
+    retrained = records[1]
+    assert retrained.predicted_cost == {
+        "epochs_to_target": {"value": 12.0, "low": 8.0, "high": 16.0},
+        "wall_s": {"value": 300.0, "low": 200.0, "high": 420.0},
+    }
+    assert len(retrained.measured) == 1
+    measured = retrained.measured[0]
+    assert measured.run_id == registry["retrain_id"]
+    assert measured.kind == names.KIND_RETRAIN
+    assert measured.metrics == RETRAIN_COST
+    assert measured.censored is False
+    rows = {row["metric"]: row for row in retrained.cost_comparison()}
+    assert rows["epochs_to_target"] == {
+        "metric": "epochs_to_target",
+        "predicted": 12.0,
+        "low": 8.0,
+        "high": 16.0,
+        "measured": 14.0,
+    }
+    assert rows["energy_kwh"]["predicted"] is None and rows["energy_kwh"]["measured"] == 0.042
+    assert history.cost_cell(retrained) == "epochs_to_target 12 [8-16] / 14"
+    assert all(not r.measured for i, r in enumerate(records) if i != 1)
+    assert history.cost_cell(records[0]) == "-"
+
+
+def test_gate_history_limits_and_unknowns(client, registry: dict[str, Any]) -> None:
+    last_two = history.gate_history(client, MODEL, max_runs=2)
+    assert [r.run_id for r in last_two] == registry["gate_ids"][-2:]
+    assert history.gate_history(client, "no-such-model") == []
+    assert history.gate_history(client, MODEL, experiment_names=("no-such-experiment",)) == []
+    # Without a UI base and with an sqlite tracking URI there is no link to make.
+    assert history.gate_history(client, OTHER_MODEL, mlflow_ui_base="")[0].mlflow_url is None
+
+
+def test_gate_detail(client, registry: dict[str, Any]) -> None:
+    rid = registry["gate_ids"][1]
+    detail = history.gate_detail(client, rid)
+    assert detail.run_id == rid and detail.score == GATES[1]["score"]
+    assert [c["class"] for c in detail.per_class] == [str(k) for k in range(N_CLASSES)]
+    assert [c["angle"] for c in detail.per_class] == list(per_class_angles(1).values())
+    assert detail.classes_missing == []
+    assert detail.measured[0].metrics["epochs_to_target"] == 14.0
+    # A gate run without the artifact still comes back, with the reason.
+    failed = history.gate_detail(client, registry["gate_ids"][3])
+    assert failed.per_class is None and "gate_result.json" in failed.detail_error
+    with pytest.raises(LookupError):
+        history.gate_detail(client, registry["retrain_id"])  # not a gate run
+    with pytest.raises(LookupError):
+        history.gate_detail(client, "0" * 32)
+
+
+def test_to_json_and_table(client) -> None:
+    records = history.gate_history(client, MODEL)
+    data = json.loads(history.to_json(records))
+    assert [d["run_id"] for d in data] == [r.run_id for r in records]
+    assert data[1]["measured"][0]["metrics"]["wall_s"] == 351.5
+    assert data[1]["cost_comparison"][0]["metric"] == "epochs_to_target"
+    assert data[0]["signals"]["confidence_drop"] is None
+    assert data[0]["thresholds"] == {"reuse": 0.02, "rebuild": 0.2}
+
+    text = history.format_table(records, width=250)
+    assert f"RESQUE gate runs of {MODEL}" in text
+    for r in records:
+        assert r.run_id in text
+    for word in ("reuse", "retrain", "rebuild", "failed", "0.085", "0.31", "epochs_to_target 12 [8-16] / 14"):
+        assert word in text
+    assert "2026-01-02T00:00:00Z" in text
+
+
+def test_audit_main_exit_codes(registry: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert history.audit_main(MODEL, registry["uri"], as_json=False) == 0
+    out = capsys.readouterr().out
+    assert registry["gate_ids"][0] in out and "rebuild" in out
+
+    assert history.audit_main(MODEL, registry["uri"], as_json=True, registry_uri=registry["uri"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(GATES)
+
+    assert history.audit_main("no-such-model", registry["uri"], as_json=False) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no gate runs" in err and "\n" not in err
+
+    missing = tmp_path / "missing.db"
+    assert history.audit_main(MODEL, f"sqlite:///{missing}", as_json=False) == 2
+    assert "no MLflow database" in capsys.readouterr().err
+    assert not missing.exists()  # reading never creates a registry
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t = time.monotonic()
+    assert history.audit_main(MODEL, f"http://127.0.0.1:{port}", as_json=False) == 2
+    assert time.monotonic() - t < 10
+    err = capsys.readouterr().err.strip()
+    assert "unreachable" in err and "\n" not in err
+
+
+def test_normalise_per_class_forms() -> None:
+    as_list = [{"class": 1, "angle": 0.2, "n_new": 5}, {"class": 0, "angle": 0.1}]
+    assert history._normalise_per_class(as_list) == [
+        {"class": "0", "angle": 0.1},
+        {"class": "1", "angle": 0.2, "n_new": 5},
+    ]
+    nested = {"cat": {"angle": 0.3, "n_ref": 7}, "dog": {"value": float("nan")}}
+    assert history._normalise_per_class(nested) == [
+        {"class": "cat", "angle": 0.3, "n_ref": 7},
+        {"class": "dog", "angle": None},
+    ]
+    assert history._find({"dist": {"per_class": {"0": 0.5}}}, "per_class") == {"0": 0.5}
