@@ -52,7 +52,8 @@ class ResqueGateOperator(BaseBranchOperator):
     :param layer: representation tensor for ``task`` mode (``dist`` uses the fingerprint's).
     :param provider: ``"auto"``, ``"cuda"`` or ``"cpu"``.
     :param reuse_threshold: score at or below which the model is reused (default: measured, docs/THRESHOLDS.md).
-    :param rebuild_threshold: score above which the model is rebuilt (default: measured).
+        (templated; with ``render_template_as_native_obj=True`` a ``{{ params.x }}`` renders as a number or None)
+    :param rebuild_threshold: score above which the model is rebuilt (default: measured). (templated)
     :param retrain_task_id: branch for retraining (required).
     :param rebuild_task_id: branch for rebuilding (required).
     :param reuse_task_id: branch for reuse (optional).
@@ -64,6 +65,7 @@ class ResqueGateOperator(BaseBranchOperator):
 
     template_fields: Sequence[str] = (
         "model_name", "model_alias", "model_version", "data", "experiment_name", "shard_summaries",
+        "reuse_threshold", "rebuild_threshold",
     )  # fmt: skip
     ui_color = "#e8d6f5"
 
@@ -165,7 +167,11 @@ class ResqueGateOperator(BaseBranchOperator):
         return outcome.branch
 
     def execute(self, context: Context) -> dict:
-        self.do_branch(context, self.choose_branch(context))
+        branch = self.choose_branch(context)
+        # Pushed before branching: skipping the other branches ends execute() with DownstreamTasksSkipped, and
+        # Airflow 3 then never pushes a returned value.
+        context["ti"].xcom_push(key="return_value", value=self.outcome)
+        self.do_branch(context, branch)
         return self.outcome
 
 

@@ -55,6 +55,13 @@ class GateRequest:
         if self.mode not in MODES:
             raise ResqueInputError(f"mode: expected one of {MODES}, got {self.mode!r}")
         default = DEFAULT_THRESHOLDS[self.mode]
+        for name in ("reuse_threshold", "rebuild_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # a rendered template without native rendering
+                try:
+                    setattr(self, name, None if value.strip() in ("", "None") else float(value))
+                except ValueError as exc:
+                    raise ResqueInputError(f"{name}: expected a number in [0, 1], got {value!r}") from exc
         return Thresholds(
             reuse=default.reuse if self.reuse_threshold is None else self.reuse_threshold,
             rebuild=default.rebuild if self.rebuild_threshold is None else self.rebuild_threshold,

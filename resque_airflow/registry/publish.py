@@ -52,6 +52,8 @@ def publish_model(
     training_cost: dict[str, float] | None = None,
     registry_uri: str | None = None,
     experiment_name: str = MODELS_EXPERIMENT,
+    run_kind: str = names.KIND_TRAIN,
+    run_tags: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> Published:
     """Register ``model_path`` as a new version of ``name`` with its fingerprint, and point ``alias`` at it.
@@ -61,6 +63,7 @@ def publish_model(
     and ``torch_factory`` (``module:callable``) let retrain tasks rebuild the torch model later.
     ``training_cost`` (keys of :data:`names.COST_METRICS`) is logged on the version's run, so the rebuild cost is
     on file. The version is created, and the alias moved, only after everything else is stored.
+    ``run_kind`` / ``run_tags`` label the run (``retrain`` / ``rebuild`` runs carry the triggering gate run id).
     """
     import mlflow.onnx
 
@@ -76,8 +79,8 @@ def publish_model(
     exp_id = (
         exp.experiment_id if exp else registry_call("creating an experiment", client.create_experiment, experiment_name)
     )
-    tags = {names.KIND_TAG: names.KIND_TRAIN, names.MODEL_NAME_TAG: name}
-    run = registry_call("creating the publish run", client.create_run, exp_id, tags=tags, run_name=f"publish-{name}")
+    tags = {names.KIND_TAG: run_kind, names.MODEL_NAME_TAG: name} | dict(run_tags or {})
+    run = registry_call("creating the publish run", client.create_run, exp_id, tags=tags, run_name=f"{run_kind}-{name}")
     run_id = run.info.run_id
     try:
         with tempfile.TemporaryDirectory(prefix="resque-publish-") as tmp:
