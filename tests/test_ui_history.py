@@ -109,13 +109,16 @@ def build_gate_registry(root: Path) -> dict[str, Any]:
         }
         if gate["decision"]:
             tags[names.DECISION_TAG] = gate["decision"]
-            tags[names.BRANCH_TAG] = gate["branch"]
+            tags[names.BRANCH_TAG] = json.dumps([gate["branch"]])  # as the gate writes it: a JSON list of task ids
+        if gate.get("status") == "failed":
+            tags["resque.error"] = "ResqueInputError: data_uri: no such file"
         metrics = []
         if gate["score"] is not None:
             metrics.append(Metric(names.SCORE_METRIC, gate["score"], start + 1000, 0))
             metrics.append(Metric("resque_dist", gate["score"], start + 1000, 0))
             metrics.append(Metric("mmd", 0.5 * gate["score"], start + 1000, 0))
             metrics.append(Metric("confidence_drop", float("nan"), start + 1000, 0))  # NaN must not break JSON
+            metrics += [Metric(f"angle_class_{k}", v, start + 1000, 0) for k, v in per_class_angles(i).items()]
         for cost, (value, low, high) in gate.get("predicted", {}).items():
             metrics += [
                 Metric(f"predicted_{cost}", value, start + 1000, 0),
@@ -128,7 +131,7 @@ def build_gate_registry(root: Path) -> dict[str, Any]:
             params=[Param(k, v) for k, v in params.items()],
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
-        if gate["score"] is not None:
+        if gate["score"] is not None and i != 2:  # gate 2: angles only as metrics (artifact lost)
             result = {
                 "score": gate["score"],
                 "decision": gate["decision"],
@@ -269,9 +272,12 @@ def test_gate_detail(client, registry: dict[str, Any]) -> None:
     assert [c["angle"] for c in detail.per_class] == list(per_class_angles(1).values())
     assert detail.classes_missing == []
     assert detail.measured[0].metrics["epochs_to_target"] == 14.0
-    # A gate run without the artifact still comes back, with the reason.
+    # Without the artifact, the angles come from the angle_class_<k> metrics; without either, the reason is given.
+    from_metrics = history.gate_detail(client, registry["gate_ids"][2])
+    assert [c["angle"] for c in from_metrics.per_class] == list(per_class_angles(2).values())
     failed = history.gate_detail(client, registry["gate_ids"][3])
     assert failed.per_class is None and "gate_result.json" in failed.detail_error
+    assert failed.error == "ResqueInputError: data_uri: no such file"
     with pytest.raises(LookupError):
         history.gate_detail(client, registry["retrain_id"])  # not a gate run
     with pytest.raises(LookupError):
@@ -335,3 +341,37 @@ def test_normalise_per_class_forms() -> None:
         {"class": "dog", "angle": None},
     ]
     assert history._find({"dist": {"per_class": {"0": 0.5}}}, "per_class") == {"0": 0.5}
+
+
+def test_reads_what_the_gate_writes(tmp_path: Path, cnn_onnx, write_npz) -> None:
+    """Contract with the writer: a gate run made by ``registry.gate.run_gate`` reads back complete."""
+    from conftest import make_images
+
+    from resque_airflow.core import Decision
+    from resque_airflow.registry.gate import AirflowInfo, GateRequest, run_gate
+    from resque_airflow.registry.publish import publish_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    x, y = make_images(200, seed=1)
+    publish_model(tracking_uri=uri, name="cnn", model_path=cnn_onnx[1], reference=str(write_npz("ref.npz", x, y)))
+    xs, ys = make_images(150, seed=2, shift=0.8)
+    outcome = run_gate(
+        GateRequest("models:/cnn@champion", str(write_npz("new.npz", xs, ys))),
+        tracking_uri=uri,
+        airflow=AirflowInfo(dag_id="d", run_id="r", task_id="gate", try_number=1, map_index=-1),
+        branch_for=lambda d: [{Decision.REUSE: "reuse", Decision.RETRAIN: "retrain"}.get(d, "rebuild")],
+    )
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert history.models_with_gates(client) == ["cnn"]
+    (record,) = history.gate_history(client, "cnn")
+    assert record.run_id == outcome.gate_run_id
+    assert record.score == pytest.approx(outcome.score)
+    assert record.decision == outcome.decision and record.branch == outcome.branch[0]
+    assert record.status == "decided" and record.model_version == "1" and record.model_alias == "champion"
+    assert record.n_samples == 150 and record.provider == outcome.provider
+    assert record.thresholds == {"reuse": outcome.thresholds["reuse"], "rebuild": outcome.thresholds["rebuild"]}
+    assert record.airflow["dag_id"] == "d" and "mmd" in record.signals
+    detail = history.gate_detail(client, record.run_id)
+    assert {c["class"]: c["angle"] for c in detail.per_class} == pytest.approx(outcome.per_class)

@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 #: (an ``sqlite:`` URI, or ``http://mlflow:5000`` which only resolves inside a Docker network).
 MLFLOW_UI_URL_ENV = "RESQUE_MLFLOW_UI_URL"
 
+#: Tag the gate writes on a failed run with the reason (``resque_airflow.registry.gate``).
+ERROR_TAG = getattr(names, "ERROR_TAG", "resque.error")
+#: Per-class angles are also logged as metrics ``angle_class_<k>``: the fallback when the JSON artifact is missing.
+ANGLE_METRIC_PREFIX = "angle_class_"
+
 _PAGE = 1000  # MLflow's maximum page size for search_runs
 _MAX_EXPERIMENTS = 10_000
 
@@ -96,6 +101,7 @@ class GateRecord:
     mlflow_url: str | None = None
     per_class: list[dict[str, Any]] | None = None
     classes_missing: list[str] | None = None
+    error: str | None = None
     detail_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,6 +275,25 @@ def _gate_experiment_ids(client: mlflow.MlflowClient, experiment_names: Sequence
     return ids
 
 
+def _branch(tag: str | None) -> str | None:
+    """The branch tag for display: the gate writes a JSON list of task ids (``null`` without branching).
+
+    >>> _branch('["retrain"]'), _branch("null"), _branch("reuse"), _branch('["a", "b"]')
+    ('retrain', None, 'reuse', 'a, b')
+    """
+    if tag is None:
+        return None
+    try:
+        value = json.loads(tag)
+    except ValueError:
+        return tag
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or None
+    return str(value)
+
+
 def _model_of(run: Run) -> str | None:
     return run.data.tags.get(names.MODEL_NAME_TAG) or run.data.params.get("model_name")
 
@@ -300,7 +325,7 @@ def _record(run: Run, ui_base: str | None) -> GateRecord:
         mode=params.get("mode"),
         label_source=params.get("label_source"),
         decision=tags.get(names.DECISION_TAG),
-        branch=tags.get(names.BRANCH_TAG),
+        branch=_branch(tags.get(names.BRANCH_TAG)),
         thresholds={
             "reuse": _float(params.get("reuse_threshold")),
             "rebuild": _float(params.get("rebuild_threshold")),
@@ -312,6 +337,7 @@ def _record(run: Run, ui_base: str | None) -> GateRecord:
         status=tags.get(names.STATUS_TAG),
         run_status=run.info.status,
         data_uri=params.get("data_uri"),
+        error=tags.get(ERROR_TAG),
         signals={m: _float(metrics[m]) for m in names.SIGNAL_METRICS if m in metrics},
         predicted_cost=predicted,
         airflow=airflow,
@@ -493,6 +519,18 @@ def gate_detail(client: mlflow.MlflowClient, run_id: str, *, mlflow_ui_base: str
     try:
         result = load_gate_result(client, run_id)
     except Exception as exc:  # missing or unreadable artifact: the run is still worth showing
+        angles = {
+            k[len(ANGLE_METRIC_PREFIX) :]: v for k, v in run.data.metrics.items() if k.startswith(ANGLE_METRIC_PREFIX)
+        }
+        if angles:  # the same angles, logged as metrics
+            log.info(
+                "resque audit: %s of run %s unreadable (%s); angles from metrics",
+                names.GATE_RESULT_ARTIFACT,
+                run_id,
+                exc,
+            )
+            record.per_class = _normalise_per_class(angles)
+            return record
         log.warning("resque audit: cannot read %s of run %s: %s", names.GATE_RESULT_ARTIFACT, run_id, exc)
         record.detail_error = f"{names.GATE_RESULT_ARTIFACT} not available ({type(exc).__name__})"
         return record
