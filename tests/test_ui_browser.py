@@ -271,6 +271,16 @@ def test_plugin_fields() -> None:
         assert http.get("/api/models").status_code == 401
 
 
+def test_plugin_discovery_stays_cheap() -> None:
+    """Importing the plugin (what every Airflow process does to discover it) loads neither FastAPI nor MLflow."""
+    code = (
+        "import sys, resque_airflow.ui.plugin as p; "
+        "print(sorted(m for m in ('fastapi', 'mlflow', 'onnxruntime', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def _load_plugins_folder_module(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "plugins" / "resque_plugin.py")
     module = importlib.util.module_from_spec(spec)

@@ -29,7 +29,10 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from airflow.plugins_manager import AirflowPlugin
+try:  # the Task SDK's class, as providers use it (common.compat does the same); core's before Airflow 3.2
+    from airflow.sdk.plugins_manager import AirflowPlugin
+except ImportError:  # pragma: no cover
+    from airflow.plugins_manager import AirflowPlugin
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
