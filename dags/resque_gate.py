@@ -16,6 +16,7 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, TriggerRule, dag, task
 
 from resque_airflow.operators.gate import ResqueGateOperator
+from resque_airflow.registry import names
 
 
 def _challenger(gate_result: dict, params: dict, *, fresh: bool) -> dict:
@@ -68,7 +69,7 @@ def resque_gate():
         """Nothing to retrain: record that on the gate run, so the audit trail says the check was acted on."""
         from resque_airflow.hooks.mlflow import MlflowHook
 
-        MlflowHook("mlflow_default").get_client().set_tag(gate_result["gate_run_id"], "resque.action", "reused")
+        MlflowHook("mlflow_default").get_client().set_tag(gate_result["gate_run_id"], names.ACTION_TAG, "reused")
         return {
             "kind": "reuse",
             "gate_run_id": gate_result["gate_run_id"],

@@ -7,6 +7,8 @@ cluster). One unmapped gate merges the summaries and branches: a mapped branch t
 
 from __future__ import annotations
 
+import os
+
 import pendulum
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, TriggerRule, dag, task
@@ -24,7 +26,11 @@ from resque_airflow.operators.shard import ResqueShardOperator
     params={
         "model_name": Param("digits-cnn", type="string"),
         "data_uri": Param("", type="string", description="folder (or URL) of .npz shards"),
-        "summary_uri": Param("/tmp/resque-shards", type="string", description="shared storage for shard summaries"),
+        "summary_uri": Param(
+            os.environ.get("RESQUE_SHARED_DIR", "/tmp/resque-shards"),
+            type="string",
+            description="storage every worker can reach, for shard summaries (a shared volume or s3://...)",
+        ),
     },
     doc_md=__doc__,
 )

@@ -44,5 +44,4 @@ def get_provider_info() -> dict:
                 "python-modules": ["resque_airflow.operators.gate", "resque_airflow.operators.shard"],
             }
         ],
-        "plugins": [{"name": "resque", "plugin-class": "resque_airflow.ui.plugin.ResquePlugin"}],
     }

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-# Tests never need CUDA; keep ONNX Runtime from probing for it.
-os.environ.setdefault("RESQUE_TEST", "1")
+REPO = Path(__file__).resolve().parent.parent
+
+# Airflow reads its configuration when first imported: point it at a throwaway home before any test imports it.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="resque-airflow-home-"))
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME}/airflow.db"
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated Airflow metadata DB (SQLite), as `airflow db migrate` leaves it."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+    return _AIRFLOW_HOME
+
+
+def mlflow_conn(tracking_uri: str) -> str:
+    """The JSON form of an `mlflow` connection, as AIRFLOW_CONN_MLFLOW_DEFAULT takes it."""
+    return json.dumps({"conn_type": "mlflow", "host": tracking_uri})
 
 
 class _Net:
@@ -78,3 +101,11 @@ def write_npz(tmp_path):
         return path
 
     return write
+
+
+def flip_byte(path: str | Path, offset: int) -> None:
+    """Tamper with a file in place: flip the low bit of the byte at ``offset`` (negative counts from the end)."""
+    path = Path(path)
+    blob = bytearray(path.read_bytes())
+    blob[offset] ^= 0x01
+    path.write_bytes(bytes(blob))

@@ -54,7 +54,7 @@ def test_damaged_files_are_refused(tmp_path, damage):
         (tmp_path / "fingerprint.npz").write_bytes(bytes(data))
     else:
         (tmp_path / "fingerprint.npz").unlink()
-    with pytest.raises(FingerprintError, match="damaged|not found"):
+    with pytest.raises(FingerprintError, match=r"damaged|not found"):
         Fingerprint.load(tmp_path)
 
 

@@ -48,10 +48,13 @@ def test_cli_score_equals_score_from_torch_features(cnn_onnx, write_npz, tmp_pat
     xr, yr = make_images(300, seed=2)
     xs, ys = make_images(200, seed=3, shift=0.3)
     ref, new = write_npz("ref.npz", xr, yr), write_npz("new.npz", xs, ys)
-    code, out, err = run_cli(["fingerprint", "--model", str(path), "--data", str(ref), "--out", str(tmp_path / "fp")], capsys)
+    code, out, err = run_cli(
+        ["fingerprint", "--model", str(path), "--data", str(ref), "--out", str(tmp_path / "fp")], capsys
+    )
     assert code == 0, err
     code, out, err = run_cli(
-        ["score", "dist", "--model", str(path), "--fingerprint", str(tmp_path / "fp"), "--data", str(new), "--json"], capsys
+        ["score", "dist", "--model", str(path), "--fingerprint", str(tmp_path / "fp"), "--data", str(new), "--json"],
+        capsys,
     )
     assert code == 0, err
     result = json.loads(out)
@@ -113,7 +116,9 @@ def bad_inputs(tmp_path, write_npz, cnn_path):
 @pytest.mark.parametrize("case", ["nan", "shape", "empty", "labels", "corrupt"])
 def test_cli_bad_input_exits_2_with_one_line(case, cnn_onnx, fp_dir, write_npz, tmp_path, capsys):
     data, model, message = bad_inputs(tmp_path, write_npz, cnn_onnx[1])[case]
-    code, _, err = run_cli(["score", "dist", "--model", str(model), "--fingerprint", str(fp_dir), "--data", str(data)], capsys)
+    code, _, err = run_cli(
+        ["score", "dist", "--model", str(model), "--fingerprint", str(fp_dir), "--data", str(data)], capsys
+    )
     assert code == 2
     assert message in err and err.strip().count("\n") == 0
 
@@ -122,7 +127,10 @@ def test_cli_corrupt_onnx_is_named(tmp_path, write_npz, capsys):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage")
     x, y = make_images(10, seed=0)
-    code, _, err = run_cli(["fingerprint", "--model", str(bad), "--data", str(write_npz("d.npz", x, y)), "--out", str(tmp_path / "f")], capsys)
+    code, _, err = run_cli(
+        ["fingerprint", "--model", str(bad), "--data", str(write_npz("d.npz", x, y)), "--out", str(tmp_path / "f")],
+        capsys,
+    )
     assert code == 2 and "not a valid ONNX" in err
 
 
@@ -135,7 +143,10 @@ def test_cli_fingerprint_of_another_model(cnn_onnx, fp_dir, tmp_path, write_npz,
     other = tmp_path / "other.onnx"
     export_torch(_Net.build(seed=1), torch.randn(1, 1, 8, 8), other, layer="conv2")
     x, y = make_images(10, seed=0)
-    code, _, err = run_cli(["score", "dist", "--model", str(other), "--fingerprint", str(fp_dir), "--data", str(write_npz("d.npz", x, y))], capsys)
+    code, _, err = run_cli(
+        ["score", "dist", "--model", str(other), "--fingerprint", str(fp_dir), "--data", str(write_npz("d.npz", x, y))],
+        capsys,
+    )
     assert code == 2 and "recompute the fingerprint" in err
 
 

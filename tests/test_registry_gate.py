@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_images
+from conftest import flip_byte, make_images
 
 from resque_airflow.cli import main
 from resque_airflow.core import FingerprintError, RegistryError, ResqueInputError
@@ -40,7 +40,9 @@ def gate_runs(uri: str, view="active"):
 
     client = make_client(uri)
     exp = client.get_experiment_by_name(names.DEFAULT_EXPERIMENT)
-    return client.search_runs([exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY if view == "active" else ViewType.ALL)
+    return client.search_runs(
+        [exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY if view == "active" else ViewType.ALL
+    )
 
 
 def test_publish_records_fingerprint_and_training_cost(registry):
@@ -98,16 +100,17 @@ def test_failures_leave_tags_unchanged(registry, tmp_path):
     with pytest.raises(ResqueInputError, match="cannot read shard"):
         run_gate(GateRequest("models:/cnn@champion", str(tmp_path / "junk.npz")), tracking_uri=uri)
     with pytest.raises(ResqueInputError, match="reuse_threshold"):
-        run_gate(GateRequest("models:/cnn@champion", str(data["clean"]), reuse_threshold=0.5, rebuild_threshold=0.1), tracking_uri=uri)
+        run_gate(
+            GateRequest("models:/cnn@champion", str(data["clean"]), reuse_threshold=0.5, rebuild_threshold=0.1),
+            tracking_uri=uri,
+        )
     failed = [r for r in gate_runs(uri) if r.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags[names.STATUS_TAG] == "failed"
     # Tamper with the stored model file: the sha256 check refuses to run it.
     client = make_client(uri)
     source = client.get_model_version_download_uri("cnn", "1")
     model_file = f"{source}/model.onnx"
-    blob = bytearray(open(model_file, "rb").read())
-    blob[-10] ^= 0x01
-    open(model_file, "wb").write(bytes(blob))
+    flip_byte(model_file, -10)
     with pytest.raises(FingerprintError, match="recompute the fingerprint"):
         run_gate(GateRequest("models:/cnn@champion", str(data["clean"])), tracking_uri=uri)
     assert mv_tags(uri) == before and before[names.MV_TAG_GATE_RUN] == ok.gate_run_id
@@ -117,7 +120,23 @@ def test_cli_publish_and_gate(tmp_path, cnn_onnx, write_npz, capsys):
     uri = f"sqlite:///{tmp_path}/cli.db"
     x, y = make_images(200, seed=1)
     ref = write_npz("r.npz", x, y)
-    assert main(["publish", "--model", str(cnn_onnx[1]), "--reference", str(ref), "--name", "m", "--tracking-uri", uri, "--json"]) == 0
+    assert (
+        main(
+            [
+                "publish",
+                "--model",
+                str(cnn_onnx[1]),
+                "--reference",
+                str(ref),
+                "--name",
+                "m",
+                "--tracking-uri",
+                uri,
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["version"] == "1"
     new = write_npz("n.npz", *make_images(100, seed=2, shift=0.5))
     assert main(["gate", "--model-uri", "models:/m@champion", "--data", str(new), "--tracking-uri", uri, "--json"]) == 0
@@ -145,7 +164,13 @@ def test_shard_summaries_merge_to_the_single_pass_score(registry, tmp_path, writ
     for i, sl in enumerate((slice(0, 120), slice(120, 300))):
         part = write_npz(f"part{i}.npz", xs[sl], ys[sl])
         summary, stats = summarise(emb, fp, str(part))
-        shards.append(write_shard(f"file://{tmp_path}/shards/s{i}.npz", summary, ShardHeader(fp.model_sha256, fp.layer, stats.n_samples, str(part), stats.data_hash, True)))
+        shards.append(
+            write_shard(
+                f"file://{tmp_path}/shards/s{i}.npz",
+                summary,
+                ShardHeader(fp.model_sha256, fp.layer, stats.n_samples, str(part), stats.data_hash, True),
+            )
+        )
     merged = run_gate(GateRequest("models:/cnn@champion", "", shard_summaries=shards[::-1]), tracking_uri=uri)
     single = run_gate(GateRequest("models:/cnn@champion", str(data["shifted"])), tracking_uri=uri)
     assert merged.score == pytest.approx(single.score, abs=1e-9) and merged.n_samples == 300

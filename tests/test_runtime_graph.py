@@ -84,7 +84,7 @@ def test_unknown_layer_and_bad_files():
         expose_layer(load_model(mlp()), "nope")
     with pytest.raises(ModelError, match="not a valid ONNX"):
         load_model(b"this is not onnx")
-    with pytest.raises(ModelError, match="not a valid ONNX|truncated"):
+    with pytest.raises(ModelError, match=r"not a valid ONNX|truncated"):
         load_model(mlp()[: len(mlp()) // 2])
 
 

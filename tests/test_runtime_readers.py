@@ -64,7 +64,10 @@ def test_image_folder_is_decoded_resized_and_scaled(tmp_path):
         for i in range(3):
             Image.new("L", (16, 16), value).save(tmp_path / cls / f"{i}.png")
     src = DataSource(
-        str(tmp_path), batch_size=4, image_spec=ImageSpec(mode="L", scale=1 / 255, mean=(0.5,), std=(0.5,)), image_size=(8, 8)
+        str(tmp_path),
+        batch_size=4,
+        image_spec=ImageSpec(mode="L", scale=1 / 255, mean=(0.5,), std=(0.5,)),
+        image_size=(8, 8),
     )
     gx, gy = collect(src)
     assert gx.shape == (6, 1, 8, 8) and src.class_names == ["cat", "dog"]

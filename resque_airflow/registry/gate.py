@@ -291,7 +291,7 @@ def _fail_run(client, run_id: str, exc: BaseException) -> None:
     """Best effort: mark the gate run failed with the reason; the original error is what the caller sees."""
     try:
         client.set_tag(run_id, names.STATUS_TAG, "failed")
-        client.set_tag(run_id, "resque.error", f"{type(exc).__name__}: {str(exc)[:4000]}")
+        client.set_tag(run_id, names.ERROR_TAG, f"{type(exc).__name__}: {str(exc)[:4000]}")
         client.set_terminated(run_id, "FAILED")
     except Exception as inner:  # the registry may be the thing that failed
         log.warning("could not mark gate run %s as failed: %s", run_id, inner)

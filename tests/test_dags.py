@@ -1,0 +1,166 @@
+"""The example DAGs, run for real with dag.test() against a SQLite MLflow registry in a temp folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from conftest import flip_byte, REPO, mlflow_conn
+
+from resque_airflow.registry import names
+from resque_airflow.registry.client import make_client
+
+pytestmark = pytest.mark.airflow
+
+
+def load_dag(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "dags" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, airflow_db):
+    """A digits CNN trained for real, published as digits-cnn@champion with weights and training cost."""
+    import torch
+
+    from resque_airflow.examples import digits
+    from resque_airflow.registry.publish import publish_model
+    from resque_airflow.runtime.export import export_torch
+
+    home = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{home}/mlflow.db"
+    s = digits.load_digits_splits(seed=0)
+    model, cost = digits.train_model(digits.make_model(seed=0), s.train.x, s.train.y, epochs=15,
+                                     heldout_x=s.heldout.x, heldout_y=s.heldout.y, measure_energy=False)  # fmt: skip
+    onnx_path = export_torch(model, torch.from_numpy(s.train.x[:2]), home / "m.onnx", layer="conv2").path
+    torch.save(model.state_dict(), home / "w.pt")
+    ref = digits.write_npz(home / "ref.npz", s.reference.x, s.reference.y)
+    for name in ("digits-cnn", "tamper-me"):
+        publish_model(
+            tracking_uri=uri, name=name, model_path=onnx_path, reference=str(ref), weights_path=home / "w.pt",
+            torch_factory="resque_airflow.examples.digits:make_model", training_cost=cost.to_metrics(),
+        )  # fmt: skip
+    shifted = digits.apply_shift(s.test.x, "salt_and_pepper", 0.3, seed=1)
+    data = {
+        "clean": digits.write_npz(home / "clean.npz", s.test.x, s.test.y),
+        "shifted": digits.write_npz(home / "shifted.npz", shifted, s.test.y),
+    }
+    shards = home / "shards"
+    for i, part in enumerate(np.array_split(np.arange(len(s.test.y)), 3)):
+        digits.write_npz(shards / f"part-{i}.npz", shifted[part], s.test.y[part])
+    data["shards"] = shards
+    return uri, data, home
+
+
+@pytest.fixture(autouse=True)
+def conn(champion, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", mlflow_conn(champion[0]))
+
+
+def states(dagrun) -> dict[str, str]:
+    return {
+        (ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state)
+        for ti in dagrun.get_task_instances()
+    }
+
+
+def gate_run_of(uri: str, dagrun):
+    client = make_client(uri)
+    exp = client.get_experiment_by_name(names.DEFAULT_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"params.airflow_run_id = '{dagrun.run_id}'")
+    assert len(runs) == 1, f"expected one gate run for {dagrun.run_id}, found {len(runs)}"
+    return runs[0]
+
+
+def test_clean_batch_takes_reuse_and_leaves_the_audit_trail(champion):
+    uri, data, _ = champion
+    dr = load_dag("resque_gate").test(run_conf={"model_name": "digits-cnn", "data_uri": str(data["clean"])})
+    st = states(dr)
+    assert st["gate"] == "success" and st["reuse"] == "success" and st["join"] == "success"
+    assert st["retrain"] == "skipped" and st["rebuild"] == "skipped"
+    run = gate_run_of(uri, dr)
+    assert run.data.tags[names.DECISION_TAG] == "reuse" and run.data.tags["resque.action"] == "reused"
+    assert run.data.params["airflow_dag_id"] == "resque_gate" and run.data.params["airflow_task_id"] == "gate"
+    assert names.SCORE_METRIC in run.data.metrics
+    mv = make_client(uri).get_model_version_by_alias("digits-cnn", "champion")
+    assert mv.tags[names.MV_TAG_GATE_RUN] == run.info.run_id and mv.tags[names.MV_TAG_DECISION] == "reuse"
+
+
+def test_shifted_batch_does_not_reuse_and_retrain_logs_measured_cost(champion):
+    uri, data, _ = champion
+    dr = load_dag("resque_gate").test(
+        run_conf={"model_name": "digits-cnn", "data_uri": str(data["shifted"]), "max_epochs": 2}
+    )
+    st = states(dr)
+    run = gate_run_of(uri, dr)
+    decision = run.data.tags[names.DECISION_TAG]
+    assert decision in ("retrain", "rebuild") and st["reuse"] == "skipped" and st[decision] == "success"
+    assert st["join"] == "success"
+    client = make_client(uri)
+    exp = client.get_experiment_by_name(names.RETRAIN_EXPERIMENT)
+    retrain = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{names.GATE_RUN_TAG}` = '{run.info.run_id}'"
+    )
+    assert len(retrain) == 1
+    metrics = retrain[0].data.metrics
+    assert set(names.COST_METRICS) <= set(metrics) and metrics["wall_s"] > 0
+    assert retrain[0].data.tags[names.KIND_TAG] == decision
+    challenger = client.get_model_version_by_alias("digits-cnn", "challenger")
+    assert challenger.run_id == retrain[0].info.run_id
+
+
+@pytest.mark.parametrize(("thresholds", "branch"), [((0.0, 1.0), "retrain"), ((0.0, 1e-6), "rebuild")])
+def test_threshold_overrides_route_every_branch(champion, thresholds, branch):
+    uri, data, _ = champion
+    conf = {"model_name": "digits-cnn", "data_uri": str(data["clean"]), "max_epochs": 1,
+            "reuse_threshold": thresholds[0], "rebuild_threshold": thresholds[1]}  # fmt: skip
+    dr = load_dag("resque_gate").test(run_conf=conf)
+    st = states(dr)
+    assert st[branch] == "success" and st["reuse"] == "skipped" and st["join"] == "success"
+    assert json.loads(gate_run_of(uri, dr).data.tags[names.BRANCH_TAG]) == [branch]
+
+
+def test_sharded_dag_fans_out_and_decides_once(champion, tmp_path):
+    uri, data, _ = champion
+    conf = {"model_name": "digits-cnn", "data_uri": str(data["shards"]), "summary_uri": str(tmp_path / "summaries")}
+    dr = load_dag("resque_gate_sharded").test(run_conf=conf)
+    st = states(dr)
+    assert [st[f"score_shard[{i}]"] for i in range(3)] == ["success"] * 3
+    assert st["gate"] == "success" and st["join"] == "success"
+    taken = [b for b in ("reuse", "retrain", "rebuild") if st[b] == "success"]
+    assert len(taken) == 1
+    run = gate_run_of(uri, dr)
+    assert run.data.metrics["n_samples"] == sum(len(np.load(p)["y"]) for p in data["shards"].glob("*.npz"))
+    single = load_dag("resque_gate").test(
+        run_conf={"model_name": "digits-cnn", "data_uri": str(data["shifted"]), "max_epochs": 1}
+    )
+    single_run = gate_run_of(uri, single)
+    assert run.data.metrics[names.SCORE_METRIC] == pytest.approx(single_run.data.metrics[names.SCORE_METRIC], abs=1e-9)
+    assert taken == [single_run.data.tags[names.DECISION_TAG]]
+
+
+def test_failures_fail_the_gate_and_leave_tags_unchanged(champion, tmp_path):
+    uri, data, _ = champion
+    client = make_client(uri)
+    dag = load_dag("resque_gate")
+    dag.test(run_conf={"model_name": "tamper-me", "data_uri": str(data["clean"])})
+    before = dict(client.get_model_version("tamper-me", "1").tags)
+    (tmp_path / "broken.npz").write_bytes(b"\x00not a numpy file")
+    cases = [
+        {"model_name": "no-such-model", "data_uri": str(data["clean"])},
+        {"model_name": "tamper-me", "data_uri": str(tmp_path / "broken.npz")},
+        {"model_name": "tamper-me", "data_uri": str(tmp_path / "missing.npz")},
+    ]
+    for conf in cases:
+        st = states(dag.test(run_conf=conf))
+        assert st["gate"] == "failed", conf
+        assert {st["reuse"], st["retrain"], st["rebuild"]} == {"upstream_failed"}
+    model_file = f"{client.get_model_version_download_uri('tamper-me', '1')}/model.onnx"
+    flip_byte(model_file, -20)
+    st = states(dag.test(run_conf={"model_name": "tamper-me", "data_uri": str(data["clean"])}))
+    assert st["gate"] == "failed"
+    assert dict(client.get_model_version("tamper-me", "1").tags) == before
