@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import flip_byte, REPO, mlflow_conn
+from conftest import REPO, flip_byte, mlflow_conn
 
 from resque_airflow.registry import names
 from resque_airflow.registry.client import make_client
