@@ -104,8 +104,10 @@ def write_npz(tmp_path):
 
 
 def flip_byte(path: str | Path, offset: int) -> None:
-    """Tamper with a file in place: flip the low bit of the byte at ``offset`` (negative counts from the end)."""
-    path = Path(path)
+    """Tamper with a file (path or file: URI) in place: flip the low bit of the byte at ``offset`` (negative counts from the end)."""
+    from urllib.parse import urlparse
+
+    path = Path(urlparse(str(path)).path) if str(path).startswith("file:") else Path(path)
     blob = bytearray(path.read_bytes())
     blob[offset] ^= 0x01
     path.write_bytes(bytes(blob))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from resque_airflow.core.errors import RegistryError, ResqueInputError
 
@@ -29,6 +30,34 @@ def make_client(tracking_uri: str, registry_uri: str | None = None):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+
+
+def artifact_location_for(tracking_uri: str) -> str | None:
+    """Where new experiments keep artifacts: beside a SQLite database (absolute), else the server's default.
+
+    MLflow's default for a database backend is ``./mlruns`` relative to the *current* directory, which differs
+    between the CLI, the scheduler and each Airflow task process.
+    """
+    if tracking_uri.startswith("sqlite:////"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (db.parent / f"{db.stem}-artifacts").as_uri()
+    return None
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment ``name``, created (with :func:`artifact_location_for`) if missing."""
+    from mlflow.exceptions import MlflowException
+
+    exp = registry_call(f"reading experiment {name!r}", client.get_experiment_by_name, name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location_for(client.tracking_uri))
+    except MlflowException:  # created concurrently by another gate
+        exp = registry_call(f"reading experiment {name!r}", client.get_experiment_by_name, name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from resque_airflow.core.errors import RegistryError, ResqueInputError
 from resque_airflow.core.summary import LABEL_SOURCES
 from resque_airflow.registry import names
 from resque_airflow.registry.artifacts import fetch_model
-from resque_airflow.registry.client import ModelRef, make_client, registry_call, resolve_version
+from resque_airflow.registry.client import ModelRef, ensure_experiment, make_client, registry_call, resolve_version
 from resque_airflow.runtime import pipeline
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,7 @@ class GateOutcome:
 
 
 def _open_gate_run(client, experiment_name: str, tags: dict, airflow: AirflowInfo | None) -> str:
-    exp = registry_call("reading the gate experiment", client.get_experiment_by_name, experiment_name)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else registry_call("creating the gate experiment", client.create_experiment, experiment_name)
-    )
+    exp_id = ensure_experiment(client, experiment_name)
     if airflow is not None:
         # One gate run per task instance: a retry replaces the earlier try's run (soft delete, restorable).
         earlier = registry_call(

@@ -10,7 +10,7 @@ from pathlib import Path
 from resque_airflow.core.errors import ResqueInputError
 from resque_airflow.core.fingerprint import ImageSpec, sha256_file
 from resque_airflow.registry import names
-from resque_airflow.registry.client import make_client, registry_call
+from resque_airflow.registry.client import ensure_experiment, make_client, registry_call
 from resque_airflow.runtime.graph import load_model
 from resque_airflow.runtime.pipeline import Progress, fingerprint_model
 
@@ -75,10 +75,7 @@ def publish_model(
         model_bytes, reference, layer=layer, provider=provider, image_spec=image_spec, progress=progress
     )
     client = make_client(tracking_uri, registry_uri)
-    exp = registry_call("reading the models experiment", client.get_experiment_by_name, experiment_name)
-    exp_id = (
-        exp.experiment_id if exp else registry_call("creating an experiment", client.create_experiment, experiment_name)
-    )
+    exp_id = ensure_experiment(client, experiment_name)
     tags = {names.KIND_TAG: run_kind, names.MODEL_NAME_TAG: name} | dict(run_tags or {})
     run = registry_call("creating the publish run", client.create_run, exp_id, tags=tags, run_name=f"{run_kind}-{name}")
     run_id = run.info.run_id
