@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -125,7 +126,12 @@ class _EnergyMeter:
 
             # codecarbon logs at INFO/WARNING on every tracker; keep the run's log readable.
             logging.getLogger("codecarbon").setLevel(logging.ERROR)
-            self.tracker = OfflineEmissionsTracker(country_iso_code=self.country, save_to_file=False, log_level="error")
+            with warnings.catch_warnings():
+                # codecarbon 3 deprecates save_to_file in favour of output_methods; False is still honoured.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.tracker = OfflineEmissionsTracker(
+                    country_iso_code=self.country, save_to_file=False, log_level="error"
+                )
             self.tracker.start()
         except Exception as exc:
             log.warning("codecarbon: could not start the tracker (%s); energy and emissions recorded as NaN", exc)
