@@ -104,7 +104,7 @@ def write_npz(tmp_path):
 
 
 def flip_byte(path: str | Path, offset: int) -> None:
-    """Tamper with a file (path or file: URI) in place: flip the low bit of the byte at ``offset`` (negative counts from the end)."""
+    """Tamper with a file (path or file: URI) in place: flip the low bit of the byte at ``offset``."""
     from urllib.parse import urlparse
 
     path = Path(urlparse(str(path)).path) if str(path).startswith("file:") else Path(path)

@@ -39,7 +39,7 @@ def champion(tmp_path_factory, airflow_db):
     onnx_path = export_torch(model, torch.from_numpy(s.train.x[:2]), home / "m.onnx", layer="conv2").path
     torch.save(model.state_dict(), home / "w.pt")
     ref = digits.write_npz(home / "ref.npz", s.reference.x, s.reference.y)
-    for name in ("digits-cnn", "tamper-me"):
+    for name in ("digits-cnn", "tamper-me", "costly"):
         publish_model(
             tracking_uri=uri, name=name, model_path=onnx_path, reference=str(ref), weights_path=home / "w.pt",
             torch_factory="resque_airflow.examples.digits:make_model", training_cost=cost.to_metrics(),
@@ -164,3 +164,40 @@ def test_failures_fail_the_gate_and_leave_tags_unchanged(champion, tmp_path):
     st = states(dag.test(run_conf={"model_name": "tamper-me", "data_uri": str(data["clean"])}))
     assert st["gate"] == "failed"
     assert dict(client.get_model_version("tamper-me", "1").tags) == before
+
+
+def test_cost_aware_decision_with_a_history(champion):
+    """With MIN_HISTORY retrain runs on file, retrain vs rebuild follows predicted cost against the rebuild cost."""
+    from mlflow.entities import Metric
+
+    from resque_airflow.core.costmodel import MIN_HISTORY
+    from resque_airflow.registry.client import ensure_experiment
+
+    uri, data, _ = champion
+    client = make_client(uri)
+    gate_exp = ensure_experiment(client, names.DEFAULT_EXPERIMENT)
+    retrain_exp = ensure_experiment(client, names.RETRAIN_EXPERIMENT)
+    rng = np.random.default_rng(0)
+    for _ in range(MIN_HISTORY + 5):  # a history of past gates and the retraining each triggered
+        signals = {"resque_dist": rng.uniform(0, 0.1), "mmd": rng.uniform(0, 1), "acc_drop": rng.uniform(0, 0.5)}
+        gate = client.create_run(gate_exp, tags={names.KIND_TAG: names.KIND_GATE, names.MODEL_NAME_TAG: "costly"})
+        client.log_batch(gate.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in signals.items()])
+        steps = 20 + 4000 * signals["resque_dist"] + 200 * signals["acc_drop"] * rng.uniform(0.9, 1.1)
+        tags = {
+            names.KIND_TAG: names.KIND_RETRAIN,
+            names.MODEL_NAME_TAG: "costly",
+            names.GATE_RUN_TAG: gate.info.run_id,
+        }
+        run = client.create_run(retrain_exp, tags=tags)
+        client.log_batch(
+            run.info.run_id, metrics=[Metric("steps_to_target", steps, 0, 0), Metric("censored", 0.0, 0, 0)]
+        )
+    conf = {"model_name": "costly", "data_uri": str(data["shifted"]), "max_epochs": 1, "reuse_threshold": 0.0}
+    dr = load_dag("resque_gate").test(run_conf=conf)
+    run = gate_run_of(uri, dr)
+    m = run.data.metrics
+    assert run.data.tags[names.POLICY_TAG] == "cost_model" and run.data.params["policy"] == "cost_model"
+    assert m["predicted_steps_to_target_low"] <= m["predicted_steps_to_target"] <= m["predicted_steps_to_target_high"]
+    expected = "retrain" if m["predicted_steps_to_target"] < m["rebuild_cost"] else "rebuild"
+    assert run.data.tags[names.DECISION_TAG] == expected
+    assert states(dr)[expected] == "success"

@@ -49,6 +49,7 @@ class GateRequest:
     rebuild_threshold: float | None = None
     experiment_name: str = names.DEFAULT_EXPERIMENT
     batch_size: int = pipeline.DEFAULT_BATCH_SIZE
+    cost_aware: bool = True  # with enough retrain history, decide retrain vs rebuild on predicted cost
     shard_summaries: list[str] | None = None  # fan-in: score merged shard summaries instead of reading ``data``
 
     def thresholds(self) -> Thresholds:
@@ -195,7 +196,7 @@ def run_gate(
             "model_name": ref.name, "model_version": version.version, "model_alias": ref.alias or "",
             "model_sha256": fetched.sha256, "data_uri": request.data, "mode": request.mode,
             "label_source": request.label_source, "reuse_threshold": thresholds.reuse,
-            "rebuild_threshold": thresholds.rebuild, "policy": "thresholds",
+            "rebuild_threshold": thresholds.rebuild,
         }  # fmt: skip
         if airflow is not None:
             params |= {
@@ -219,18 +220,26 @@ def run_gate(
                     provider=request.provider, batch_size=request.batch_size,
                     image_spec=fp.input_spec.image if fp else None, progress=progress,
                 )  # fmt: skip
-            decision = decide(result.score, thresholds)
+            decision, policy, prediction = _decide(client, version, request, result, thresholds)
             branch = branch_for(decision) if branch_for else None
             now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
             metrics = {names.SCORE_METRIC: result.score, "n_samples": result.n_samples, "n_classes": result.n_classes}
             metrics |= {k: v for k, v in result.signals.items() if v is not None}
             metrics |= {f"angle_class_{k}": v for k, v in result.per_class.items()}
+            if prediction is not None:
+                m = prediction["cost_metric"]
+                metrics |= {
+                    f"predicted_{m}": prediction["predicted"],
+                    f"predicted_{m}_low": prediction["low"],
+                    f"predicted_{m}_high": prediction["high"],
+                    "rebuild_cost": prediction["rebuild_cost"],
+                }
             stamp = int(time.time() * 1000)
             outcome = GateOutcome(
                 score=result.score, decision=decision.value, mode=request.mode, model_name=ref.name,
                 model_version=str(version.version), model_alias=ref.alias, gate_run_id=run_id,
                 provider=result.provider, n_samples=result.n_samples, n_classes=result.n_classes,
-                label_source=result.label_source, thresholds=thresholds.to_dict(), policy="thresholds",
+                label_source=result.label_source, thresholds=thresholds.to_dict(), policy=policy, prediction=prediction,
                 data_uri=request.data, data_hash=result.data_hash, branch=branch, signals=result.signals,
                 per_class={str(k): v for k, v in result.per_class.items()}, layer=result.layer,
                 seconds=time.perf_counter() - t0,
@@ -242,10 +251,11 @@ def run_gate(
                     Param(k, str(v))
                     for k, v in (
                         ("provider", result.provider), ("layer", result.layer), ("data_hash", result.data_hash),
-                        ("n_samples", result.n_samples), ("n_classes", result.n_classes),
+                        ("n_samples", result.n_samples), ("n_classes", result.n_classes), ("policy", policy),
                     )
                 ],
-                tags=[RunTag(names.DECISION_TAG, decision.value), RunTag(names.BRANCH_TAG, json.dumps(branch))],
+                tags=[RunTag(names.DECISION_TAG, decision.value), RunTag(names.BRANCH_TAG, json.dumps(branch)),
+                      RunTag(names.POLICY_TAG, policy)],
             )  # fmt: skip
             client.log_dict(run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT)
             client.set_tag(run_id, names.STATUS_TAG, "decided")
@@ -267,6 +277,23 @@ def run_gate(
         "" if written else " [a newer gate already tagged this version]",
     )  # fmt: skip
     return outcome
+
+
+def _decide(client, version, request: GateRequest, result, thresholds: Thresholds):
+    """Thresholds decide reuse; above it, predicted cost against rebuild cost decides when history allows."""
+    by_threshold = decide(result.score, thresholds)
+    if by_threshold is Decision.REUSE or not request.cost_aware or request.mode != "dist":
+        return by_threshold, "thresholds", None
+    from resque_airflow.registry.history import cost_policy
+
+    cost = cost_policy(client, version, result.signals)
+    if cost is None:
+        return by_threshold, "thresholds", None
+    log.info(
+        "cost model (%d runs): predicted %s %.1f [%.1f, %.1f] vs rebuild %.1f -> %s",
+        cost.n_history, cost.cost_metric, cost.predicted, cost.low, cost.high, cost.rebuild_cost, cost.decision,
+    )  # fmt: skip
+    return Decision(cost.decision), "cost_model", cost.to_dict()
 
 
 def _score_shards(request: GateRequest, fetched) -> pipeline.ScoreResult:

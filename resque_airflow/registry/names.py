@@ -32,6 +32,7 @@ GATE_KEY_TAG = "resque.gate_key"  # dag_id/run_id/task_id/map_index: one gate ru
 DECISION_TAG = "resque.decision"
 BRANCH_TAG = "resque.branch"  # the task ids the gate followed
 STATUS_TAG = "resque.status"  # "scoring" while running, then "decided" or "failed"
+POLICY_TAG = "resque.policy"  # "thresholds" or "cost_model": what produced the decision
 ERROR_TAG = "resque.error"  # on failed gate runs: the exception type and message
 ACTION_TAG = "resque.action"  # set by the branch that acted on the decision (e.g. "reused")
 MODEL_NAME_TAG = "resque.model_name"
