@@ -27,11 +27,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
+
+if TYPE_CHECKING:
+    from resque_airflow.retrain import RetrainCost
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +211,7 @@ def train_model(
     batch_size: int = 32,
     measure_energy: bool = True,
     country_iso_code: str = "USA",
-):
+) -> tuple[nn.Module, RetrainCost]:
     """Initial clean training of ``model`` for exactly ``epochs`` epochs (in place).
 
     The training cost is measured by :func:`resque_airflow.retrain.fine_tune` (with ``stop_at_target=False``):
