@@ -46,7 +46,7 @@ def _challenger(gate_result: dict, params: dict, *, fresh: bool) -> dict:
         "data_uri": Param("", type="string", description="path or URL of the new (labelled) data"),
         "reuse_threshold": Param(None, type=["null", "number"], description="override the measured default"),
         "rebuild_threshold": Param(None, type=["null", "number"], description="override the measured default"),
-        "max_epochs": Param(30, type="number", description="retraining cap, in epochs"),
+        "max_epochs": Param(40, type="number", description="retraining cap, in epochs"),
         "country_iso_code": Param("USA", type="string", description="energy mix for emissions (codecarbon)"),
     },
     doc_md=__doc__,

@@ -4,7 +4,8 @@ Nothing here imports Airflow, MLflow or ONNX Runtime.
 """
 
 from resque_airflow.core.classsums import ClassSums
-from resque_airflow.core.decision import Decision, Thresholds, decide
+from resque_airflow.core.costmodel import MIN_HISTORY, CostModel, Prediction
+from resque_airflow.core.decision import DEFAULT_THRESHOLDS, Decision, Thresholds, decide
 from resque_airflow.core.errors import (
     FingerprintError,
     ModelError,
@@ -17,7 +18,10 @@ from resque_airflow.core.metrics import DistScore, TaskScore, ks_mean, mmd_linea
 from resque_airflow.core.summary import FeatureSummary, companion_signals, sums_for
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
+    "MIN_HISTORY",
     "ClassSums",
+    "CostModel",
     "Decision",
     "DistScore",
     "FeatureSummary",
@@ -26,6 +30,7 @@ __all__ = [
     "ImageSpec",
     "InputSpec",
     "ModelError",
+    "Prediction",
     "RegistryError",
     "ResqueError",
     "ResqueInputError",
