@@ -129,7 +129,7 @@ def _row(client, name: str, returncode: int) -> dict:
     branch = json.loads(run.data.tags.get(names.BRANCH_TAG, "null")) or []
     row = {
         "batch": name, "score": run.data.metrics.get(names.SCORE_METRIC),
-        "decision": run.data.tags.get(names.DECISION_TAG),
+        "decision": run.data.tags.get(names.DECISION_TAG), "acc_drop": run.data.metrics.get("acc_drop"),
         "branch": ",".join(branch) or "-", "dag_state": "success" if returncode == 0 else f"failed ({returncode})",
         "gate_run_id": run.info.run_id,
     }  # fmt: skip
@@ -167,7 +167,8 @@ def _print_table(rows: list[dict]) -> None:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         censored = " (censored)" if c.get("censored") else ""
         table.add_row(
-            r["batch"], fmt(r["score"], ".4f"), r["decision"] or "-", r["branch"], r["dag_state"],
+            r["batch"], fmt(r["score"], ".4f"), fmt(r["acc_drop"], "+.3f"), r["decision"] or "-", r["branch"],
+            r["dag_state"],
             fmt(c.get("steps_to_target"), ".0f") + censored, fmt(c.get("epochs_to_target"), ".2f"),
             fmt(c.get("wall_s"), ".1f"), fmt(c.get("energy_kwh"), ".2e"),
             f"v{c['version']} @challenger" if c else "-",
