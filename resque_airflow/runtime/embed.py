@@ -68,11 +68,16 @@ def prefetch(batches: Iterable[Batch], depth: int = 2) -> Iterator[Batch]:
 class Embedder:
     """One ONNX Runtime session over a model whose representation at ``layer`` is exposed and pooled.
 
+    On CUDA, each input batch is copied to the device once, in the read-ahead thread (so the copy of batch i+1
+    overlaps the forward pass of batch i), and bound to the session as a device ``OrtValue``; the outputs are
+    bound to host memory, so only the pooled ``(N, D)`` features and the ``(N, C)`` logits cross back. The full
+    layer activation never leaves the device.
+
     Args:
         model: serialized ONNX model bytes.
         layer: tensor name, or ``"auto"`` (see :func:`~resque_airflow.runtime.graph.find_layer`).
         provider: ``"auto"``, ``"cuda"`` or ``"cpu"``.
-        threads: intra-op threads (None: one per physical core).
+        threads: intra-op threads (None: one per physical core available to the process).
     """
 
     def __init__(self, model: bytes, *, layer: str = "auto", provider: str = "auto", threads: int | None = None):
@@ -85,6 +90,10 @@ class Embedder:
         self.outputs = [self.exposed.pooled_output] + (
             [self.exposed.logits_output] if self.exposed.logits_output else []
         )
+        self._device_id = 0
+        if self.session.provider == "cuda":
+            opts = self.session.session.get_provider_options().get("CUDAExecutionProvider", {})
+            self._device_id = int(opts.get("device_id", 0) or 0)
 
     @property
     def provider(self) -> str:
@@ -112,18 +121,32 @@ class Embedder:
         if not np.isfinite(x).all():
             raise ResqueInputError(f"data: {source}: contains NaN or infinite values; clean or drop those rows first")
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Forward one batch; returns pooled features and logits (None when the model has no logits output)."""
+    def _to_device(self, x: np.ndarray):
+        """``x`` as an input ``OrtValue`` on the session's CUDA device (one host-to-device copy); None on CPU."""
+        if self.session.provider != "cuda":
+            return None
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", self._device_id)
+
+    def run(self, x: np.ndarray, device_input=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Forward one batch ``x`` ``(n, *input_shape)``; returns pooled features ``(n, D)`` float32 and logits
+        ``(n, C)`` float32 (None when the model has no logits output).
+
+        ``device_input``: ``x`` already copied to the device (an ``OrtValue`` from the read-ahead thread), if any.
+        """
         sess = self.session.session
         if self.session.provider == "cuda":
-            # I/O binding: the input is copied to the device once; only pooled (N, D) and logits come back.
             binding = sess.io_binding()
-            binding.bind_cpu_input(self.input_name, x)
+            binding.bind_ortvalue_input(
+                self.input_name, device_input if device_input is not None else self._to_device(x)
+            )
             for name in self.outputs:
-                binding.bind_output(name, "cpu")
+                binding.bind_output(name, "cpu")  # ORT copies only these (small) outputs back, at the end of the run
             sess.run_with_iobinding(binding)
             outs = binding.copy_outputs_to_cpu()
         else:
+            # ORT reads a C-contiguous float32 array in place: no copy of the input on the way in.
             outs = sess.run(self.outputs, {self.input_name: x})
         feats = np.asarray(outs[0], np.float32)
         if feats.ndim != 2:
@@ -133,11 +156,17 @@ class Embedder:
             logits = None  # not a classifier head: predicted labels are unavailable
         return feats, logits
 
-    def embed(self, batches: Iterable[Batch], *, prefetch_depth: int = 2) -> Iterator[EmbeddedBatch]:
-        """Yield one :class:`EmbeddedBatch` per input batch, reading ahead in a background thread."""
-        for b in prefetch(batches, prefetch_depth):
+    def _staged(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, object]]:
+        """Check each non-empty batch and stage it on the device; runs in the read-ahead thread, so this work
+        overlaps inference. Errors surface in the consumer in order, after the batches before them."""
+        for b in batches:
             if b.x.shape[0] == 0:
                 continue
             self.check_input(b.x, b.source)
-            feats, logits = self.run(b.x)
+            yield b, self._to_device(b.x)
+
+    def embed(self, batches: Iterable[Batch], *, prefetch_depth: int = 2) -> Iterator[EmbeddedBatch]:
+        """Yield one :class:`EmbeddedBatch` per input batch, reading ahead in a background thread."""
+        for b, device_input in prefetch(self._staged(batches), prefetch_depth):
+            feats, logits = self.run(b.x, device_input)
             yield EmbeddedBatch(feats, logits, b.y)

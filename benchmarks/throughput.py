@@ -1,0 +1,732 @@
+"""Throughput and memory of the RESQUE gate against its peers, on the same model and the same data.
+
+Usage::
+
+    python benchmarks/throughput.py [--quick] [--json] [--out docs/performance/cpu.json] [--provider cpu|cuda|auto]
+
+Paths, each in a fresh subprocess so that its peak RSS (``VmHWM``) is its own:
+
+- ``gate``: the product's scoring path end to end from data on disk, :func:`resque_airflow.runtime.pipeline.score_dist`
+  (reader -> ONNX Runtime with the pooled layer exposed in-graph -> class sums -> RESQUE_dist and the companion
+  signals), excluding only the registry calls; the fingerprint is computed beforehand. Timed from the call to its
+  return, so session creation and graph surgery count. Run on ``.npz`` shards and on an image folder (PNG files in
+  class sub-folders), and on 10x the ``.npz`` data for ``rss_ratio_10x``.
+- ``ort``: bare ONNX Runtime inference of the unmodified model (logits only) on in-memory batches, session created and
+  warmed up beforehand: the ceiling for the gate.
+- ``torch``: torch eager, batched, ``inference_mode``, with a forward hook on the same layer (global average pooling of
+  its output) and float64 class sums (one-hot matrix product).
+- ``reference``: the procedure as published: torch, batch 1, one pass per class (for each class, its samples one at a
+  time), a forward hook on the layer, pooled features summed per class.
+
+Every path that yields class sums is scored against the same fingerprint; the JSON reports each RESQUE_dist and the
+largest difference. Throughput is images per second (median over repeats). Also measured: RESQUE_task on
+50,000 x 512 features with 10 classes, the cost of the data hash, and (full run only) the gate task's wall time inside
+Airflow (``dag.test`` of ``dags/resque_gate.py`` against a SQLite MLflow registry), split into start-up and scoring.
+
+The top-level ratios are those of the first model (ResNet-18) on ``.npz`` shards; ``models`` holds every model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+NUM_CLASSES = 10
+SHARD_ROWS = 1000  # rows per .npz shard: the reader holds one shard in memory at a time (12 MB of 32x32x3 float32)
+# CIFAR-like input normalisation, applied identically to the PNG files (by the reader) and the .npz shards (here).
+IMAGE_SPEC = {"mode": "RGB", "scale": 1.0 / 255.0, "mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)}
+TARGETS = {"gate_vs_ort": 0.95, "gate_vs_torch": 1.2, "gate_vs_reference": 2.0, "rss_ratio_10x": 1.1}
+GPU_TARGETS = {"gate_vs_reference": 20.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Machine facts
+# ----------------------------------------------------------------------------------------------------------------
+def physical_cores() -> int:
+    """Physical cores of this machine (ONNX Runtime's default intra-op thread count)."""
+    try:
+        pairs = set()
+        block: dict[str, str] = {}
+        for line in [*Path("/proc/cpuinfo").read_text().splitlines(), ""]:
+            if not line.strip():
+                if "core id" in block:
+                    pairs.add((block.get("physical id", "0"), block["core id"]))
+                block = {}
+                continue
+            key, _, value = line.partition(":")
+            block[key.strip()] = value.strip()
+        if pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def machine_info() -> dict:
+    """CPU model, core counts, RAM, load average and library versions."""
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram_gib = round(int(line.split()[1]) / 2**20, 1)
+    versions = {}
+    for mod in ("numpy", "onnxruntime", "onnx", "torch"):
+        with contextlib.suppress(ImportError):
+            versions[mod] = __import__(mod).__version__
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "ram_gib": ram_gib,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size (``VmHWM``) in MiB."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+def synth_images(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` CIFAR-like ``(32, 32, 3)`` uint8 images with labels 0..9: a class colour, a smooth random pattern and
+    pixel noise; ``shift`` brightens and adds noise (the new data's distribution shift)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, NUM_CLASSES, n)
+    colours = np.random.default_rng(1234).uniform(40, 215, (NUM_CLASSES, 3))
+    low = rng.normal(0, 30, (n, 4, 4, 3))
+    smooth = np.repeat(np.repeat(low, 8, axis=1), 8, axis=2)  # 4x4 blocks -> 32x32
+    img = colours[y][:, None, None, :] + smooth + rng.normal(0, 12 + 40 * shift, (n, 32, 32, 3)) + 25 * shift
+    return np.clip(img, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+def to_input(img: np.ndarray) -> np.ndarray:
+    """uint8 ``(n, H, W, 3)`` -> float32 ``(n, 3, H, W)`` exactly as the image-folder reader computes it."""
+    a = img.astype(np.float32).transpose(0, 3, 1, 2)
+    mean = np.asarray(IMAGE_SPEC["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(IMAGE_SPEC["std"], np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((a * np.float32(IMAGE_SPEC["scale"]) - mean) / std)
+
+
+def write_npz(folder: Path, n: int, seed: int, shift: float) -> None:
+    """``n`` rows as ``.npz`` shards of :data:`SHARD_ROWS` rows (``x`` float32 model input, ``y`` int64)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, n, SHARD_ROWS)):
+        img, y = synth_images(min(SHARD_ROWS, n - start), seed * 100_003 + i, shift)
+        np.savez(folder / f"shard-{i:05d}.npz", x=to_input(img), y=y)
+
+
+def write_png(folder: Path, n: int, seed: int, shift: float) -> None:
+    """The same images as :func:`write_npz` as PNG files in class sub-folders ``00`` .. ``09``."""
+    from PIL import Image
+
+    for k in range(NUM_CLASSES):
+        (folder / f"{k:02d}").mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, n, SHARD_ROWS)):
+        img, y = synth_images(min(SHARD_ROWS, n - start), seed * 100_003 + i, shift)
+        for j in range(img.shape[0]):
+            Image.fromarray(img[j]).save(folder / f"{y[j]:02d}" / f"{start + j:07d}.png")
+
+
+def load_npz_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for f in sorted(folder.glob("*.npz")):
+        with np.load(f) as z:
+            xs.append(z["x"])
+            ys.append(z["y"])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers: each runs in its own process and prints one JSON line
+# ----------------------------------------------------------------------------------------------------------------
+def _sums_to_dist(fp_dir: str, sums: np.ndarray, counts: np.ndarray) -> float:
+    from resque_airflow.core import ClassSums, Fingerprint, resque_dist
+
+    fp = Fingerprint.load(fp_dir)
+    return resque_dist(fp.summary.given, ClassSums.from_arrays(sums, counts)).value
+
+
+def worker_gate(spec: dict) -> dict:
+    """score_dist from data on disk, timed from the call to its return (fingerprint loaded beforehand)."""
+    t_import = time.perf_counter()
+    from resque_airflow.core import Fingerprint
+    from resque_airflow.runtime import pipeline
+
+    fp = Fingerprint.load(spec["fingerprint"])
+    t_import = time.perf_counter() - t_import
+    t0 = time.perf_counter()
+    result = pipeline.score_dist(
+        spec["model"], fp, spec["data"], provider=spec["provider"], batch_size=spec["batch_size"]
+    )
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "pass_seconds": result.seconds,
+        "n": result.n_samples,
+        "images_per_s": result.n_samples / seconds,
+        "pass_images_per_s": result.n_samples / result.seconds,
+        "dist": result.score,
+        "provider": result.provider,
+        "import_seconds": t_import,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def worker_ort(spec: dict) -> dict:
+    """Bare ONNX Runtime on in-memory batches of the unmodified model; session built and warmed up beforehand."""
+    import onnxruntime as ort
+
+    x, _ = load_npz_folder(Path(spec["data"]))
+    bs = spec["batch_size"]
+    providers = ["CPUExecutionProvider"]
+    if spec["provider"] == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+        with contextlib.redirect_stdout(sys.stderr):
+            ort.preload_dlls(msvc=False)  # as the gate's session does: CUDA/cuDNN from the nvidia-* wheels
+    opts = ort.SessionOptions()
+    if spec.get("threads"):
+        opts.intra_op_num_threads = int(spec["threads"])
+    sess = ort.InferenceSession(spec["model"], opts, providers=providers)
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: x[:bs]})  # warm-up: first-run allocations and kernel selection are not throughput
+    rates = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        for i in range(0, x.shape[0], bs):
+            sess.run(None, {name: x[i : i + bs]})
+        rates.append(x.shape[0] / (time.perf_counter() - t0))
+    return {
+        "images_per_s": statistics.median(rates),
+        "repeats": rates,
+        "n": int(x.shape[0]),
+        "provider": sess.get_providers()[0],
+        "threads": spec.get("threads") or physical_cores(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _torch_model(spec: dict):
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from models import MODELS
+
+    build, layer = MODELS[spec["model_name"]]
+    model = build()
+    model.load_state_dict(torch.load(spec["weights"], weights_only=True))
+    device = "cuda" if spec["provider"] == "cuda" else "cpu"
+    return model.eval().to(device), dict(model.named_modules())[layer], device
+
+
+def _pool(out):
+    """Global average pooling by rank, as the gate pools in-graph: (N, C, H, W) -> mean over H, W; (N, T, D) -> T."""
+    return out.mean((2, 3)) if out.ndim == 4 else out.mean(1) if out.ndim == 3 else out
+
+
+def worker_torch(spec: dict) -> dict:
+    """torch eager, batched, forward hook on the layer (pooled), float64 class sums by a one-hot matrix product."""
+    import torch
+
+    from resque_airflow.core import ClassSums
+
+    torch.set_num_threads(spec.get("threads") or physical_cores())
+    model, module, device = _torch_model(spec)
+    x, y = load_npz_folder(Path(spec["data"]))
+    bs = spec["batch_size"]
+    seen: list = []
+    module.register_forward_hook(lambda _m, _i, out: seen.append(_pool(out)))
+    rates, sums = [], None
+
+    def one_pass() -> ClassSums:
+        cs = ClassSums(NUM_CLASSES, spec["dim"])
+        for i in range(0, x.shape[0], bs):
+            seen.clear()
+            model(torch.from_numpy(x[i : i + bs]).to(device))
+            cs.update(seen[-1].float().cpu().numpy(), y[i : i + bs])
+        return cs
+
+    with torch.inference_mode():
+        model(torch.from_numpy(x[:bs]).to(device))  # warm-up
+        for _ in range(spec["repeats"]):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sums = one_pass()
+            rates.append(x.shape[0] / (time.perf_counter() - t0))
+    return {
+        "images_per_s": statistics.median(rates),
+        "repeats": rates,
+        "n": int(x.shape[0]),
+        "threads": torch.get_num_threads(),
+        "dist": _sums_to_dist(spec["fingerprint"], sums.sums, sums.counts),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def worker_reference(spec: dict) -> dict:
+    """The published procedure: per class, that class's samples one at a time through the hooked model (batch 1)."""
+    import torch
+
+    torch.set_num_threads(spec.get("threads") or physical_cores())
+    model, module, device = _torch_model(spec)
+    x, y = load_npz_folder(Path(spec["data"]))
+    feats: list = []
+    module.register_forward_hook(lambda _m, _i, out: feats.append(out))
+    sums = np.zeros((NUM_CLASSES, spec["dim"]), np.float64)
+    counts = np.zeros(NUM_CLASSES, np.int64)
+    with torch.no_grad():
+        model(torch.from_numpy(x[:1]).to(device))  # warm-up
+        feats.clear()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for k in range(NUM_CLASSES):  # one pass per class over the data
+            acc = torch.zeros(spec["dim"], dtype=torch.float64, device=device)
+            for i in np.flatnonzero(y == k):
+                model(torch.from_numpy(x[i : i + 1]).to(device))
+                acc += _pool(feats.pop())[0].double()
+                counts[k] += 1
+            sums[k] = acc.cpu().numpy()
+        seconds = time.perf_counter() - t0
+    return {
+        "images_per_s": x.shape[0] / seconds,
+        "seconds": seconds,
+        "n": int(x.shape[0]),
+        "threads": torch.get_num_threads(),
+        "dist": _sums_to_dist(spec["fingerprint"], sums, counts),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def worker_airflow(spec: dict) -> dict:
+    """Run the ``resque_gate`` DAG with ``dag.test`` and time the gate task, split into start-up and scoring.
+
+    The split comes from timers wrapped around the operator's ``execute`` and the pipeline's stages (session creation,
+    the streaming pass, scoring): wrapping changes no behaviour. Everything outside the pass and the scoring (imports
+    inside the task, registry resolve and download, opening and closing the gate run, session creation) is start-up.
+    """
+    t_start = time.perf_counter()
+    import importlib.util
+
+    from resque_airflow.operators.gate import ResqueGateOperator
+    from resque_airflow.runtime import pipeline
+
+    timings: dict[str, float] = {}
+
+    def timed(key, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+        return wrapper
+
+    class TimedEmbedder(pipeline.Embedder):
+        def __init__(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            super().__init__(*args, **kwargs)
+            timings["session"] = timings.get("session", 0.0) + time.perf_counter() - t0
+
+    ResqueGateOperator.execute = timed("task", ResqueGateOperator.execute)
+    pipeline.score_dist = timed("score_dist", pipeline.score_dist)
+    pipeline.summarise = timed("pass", pipeline.summarise)
+    pipeline.Embedder = TimedEmbedder
+    module_spec = importlib.util.spec_from_file_location("resque_gate_dag", REPO / "dags" / "resque_gate.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    t_parsed = time.perf_counter()
+    run = module.dag.test(
+        run_conf={
+            "model_name": spec["model_name"],
+            "data_uri": spec["data"],
+            "reuse_threshold": 0.99,  # take the cheap `reuse` branch: only the gate is measured
+            "rebuild_threshold": 1.0,
+        }
+    )
+    t_done = time.perf_counter()
+    state = str(getattr(run, "state", ""))
+    task = timings.get("task", float("nan"))
+    scoring = timings.get("score_dist", float("nan")) - timings.get("session", 0.0)
+    return {
+        "dag_state": state,
+        "n": spec["n"],
+        "process_imports_s": t_parsed - t_start,
+        "dag_test_s": t_done - t_parsed,
+        "gate_task_s": task,
+        "gate_startup_s": task - scoring,
+        "gate_scoring_s": scoring,
+        "gate_session_s": timings.get("session"),
+        "gate_pass_s": timings.get("pass"),
+        "gate_signals_s": scoring - timings.get("pass", float("nan")),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+WORKERS = {
+    "gate": worker_gate,
+    "ort": worker_ort,
+    "torch": worker_torch,
+    "reference": worker_reference,
+    "airflow": worker_airflow,
+}
+
+
+def run_worker(kind: str, spec: dict, *, env: dict | None = None, timeout: float = 3600) -> dict:
+    """Run one worker in a fresh Python process; return its JSON result (with ``wall_s`` of the process)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(REPO),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {kind} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+    out = json.loads(line)
+    out["process_wall_s"] = time.perf_counter() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up and the other measurements
+# ----------------------------------------------------------------------------------------------------------------
+def prepare_model(name: str, work: Path) -> dict:
+    """Export the model with its layer recorded (what the registry holds), the unmodified model (logits only, for
+    the ``ort`` ceiling) and the torch weights."""
+    import onnx
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from models import MODELS
+
+    from resque_airflow.runtime.export import export_torch
+
+    build, layer = MODELS[name]
+    model = build()
+    path = work / f"{name}.onnx"
+    export_torch(model, torch.randn(2, 3, 32, 32), path, layer=layer)
+    proto = onnx.load(str(path))
+    keep = [o for o in proto.graph.output if o.name != layer]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    del proto.metadata_props[:]
+    plain = work / f"{name}.plain.onnx"
+    onnx.save(proto, str(plain))
+    weights = work / f"{name}.pt"
+    torch.save(model.state_dict(), weights)
+    return {"onnx": str(path), "plain": str(plain), "weights": str(weights), "layer": layer}
+
+
+def fingerprint(model: dict, reference_png: Path, out: Path, provider: str) -> tuple[str, int]:
+    from resque_airflow.core import ImageSpec
+    from resque_airflow.runtime.pipeline import fingerprint_model
+
+    spec = ImageSpec(**IMAGE_SPEC)
+    fp = fingerprint_model(model["onnx"], str(reference_png), provider=provider, image_spec=spec)
+    fp.save(out)
+    return str(out), fp.dim
+
+
+def time_resque_task(rows: int, dim: int = 512, repeats: int = 3) -> dict:
+    """RESQUE_task (k-means at the class centroids, ARI) on ``rows`` x ``dim`` clustered features, 10 classes."""
+    from resque_airflow.core import resque_task
+    from resque_airflow.runtime.pipeline import DEFAULT_TASK_MAX_SAMPLES
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, NUM_CLASSES, rows)
+    x = (rng.normal(0, 1, (NUM_CLASSES, dim))[y] * 0.8 + rng.normal(0, 1, (rows, dim))).astype(np.float32)
+    out = {"rows": rows, "dim": dim, "classes": NUM_CLASSES}
+    for key, max_samples in (("full", None), ("max_samples", DEFAULT_TASK_MAX_SAMPLES)):
+        if max_samples is not None and max_samples >= rows:
+            continue
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            score = resque_task(x, y, max_samples=max_samples)
+            times.append(time.perf_counter() - t0)
+        out[key] = {"seconds": statistics.median(times), "repeats": times, "value": score.value, "n": score.n_samples}
+        if max_samples is not None:
+            out[key]["max_samples"] = max_samples
+    return out
+
+
+def time_hash(n: int, dim: int, batch: int) -> dict:
+    """What the data hash in pipeline._stream costs: sha256 over ``n`` x ``dim`` float32 features and labels."""
+    feats = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    labels = np.zeros(n, np.int64)
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    for i in range(0, n, batch):
+        h.update(feats[i : i + batch])
+        h.update(labels[i : i + batch])
+    return {"n": n, "dim": dim, "seconds": time.perf_counter() - t0}
+
+
+def airflow_gate(work: Path, model: dict, n: int, provider: str) -> dict:
+    """Publish the model to a SQLite MLflow registry, migrate an Airflow DB, and time the gate task in ``dag.test``."""
+    from resque_airflow.core import ImageSpec
+    from resque_airflow.registry.publish import publish_model
+
+    home = work / "airflow"
+    home.mkdir(exist_ok=True)
+    db = work / "mlflow.db"
+    tracking = f"sqlite:///{db.resolve()}"
+    ref = work / "airflow-ref"
+    new = work / "airflow-new"
+    write_npz(ref, n, seed=71, shift=0.0)
+    write_npz(new, n, seed=72, shift=0.5)
+    t0 = time.perf_counter()
+    publish_model(
+        tracking_uri=tracking,
+        name="bench-resnet18",
+        model_path=model["onnx"],
+        reference=str(ref),
+        provider=provider,
+        image_spec=ImageSpec(**IMAGE_SPEC),
+    )
+    publish_s = time.perf_counter() - t0
+    env = dict(os.environ)
+    env |= {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home.resolve()}/airflow.db",
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "mlflow", "host": tracking}),
+    }
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=env)
+    migrate_s = time.perf_counter() - t0
+    out = run_worker("airflow", {"model_name": "bench-resnet18", "data": str(new), "n": n}, env=env)
+    return out | {"publish_s": publish_s, "db_migrate_s": migrate_s, "model": "resnet18", "data_format": "npz"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------------------------
+def bench_model(name: str, work: Path, args, log) -> dict:
+    log(f"[{name}] exporting")
+    model = prepare_model(name, work)
+    d = work / name
+    n, n_ref = args.n, args.n_ref
+    log(f"[{name}] writing data: {n} new images as .npz and PNG, {n_ref} reference images")
+    write_png(d / "ref-png", n_ref, seed=1, shift=0.0)
+    write_npz(d / "new-npz", n, seed=2, shift=0.5)
+    write_png(d / "new-png", n, seed=2, shift=0.5)
+    fp_dir, dim = fingerprint(model, d / "ref-png", d / "fingerprint", args.provider)
+    base = {"provider": args.provider, "batch_size": args.batch_size, "fingerprint": fp_dir}
+    tspec = base | {"model_name": name, "weights": model["weights"], "dim": dim, "data": str(d / "new-npz")}
+    paths: dict[str, dict] = {}
+
+    def gate(data: Path, repeats: int) -> dict:
+        runs = [run_worker("gate", base | {"model": model["onnx"], "data": str(data)}) for _ in range(repeats)]
+        med = statistics.median(r["images_per_s"] for r in runs)
+        return runs[0] | {
+            "images_per_s": med,
+            "pass_images_per_s": statistics.median(r["pass_images_per_s"] for r in runs),
+            "repeats": [r["images_per_s"] for r in runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "seconds": statistics.median(r["seconds"] for r in runs),
+        }
+
+    # Interleave the paths over the repeats, so that a change of machine load touches all of them alike.
+    for rep in range(args.repeats):
+        log(f"[{name}] repeat {rep + 1}/{args.repeats}: gate (npz, images), ort, torch")
+        for key, data in (("gate_npz", d / "new-npz"), ("gate_images", d / "new-png")):
+            r = gate(data, 1)
+            paths.setdefault(key, {"runs": []})["runs"].append(r)
+        r = run_worker("ort", base | {"model": model["plain"], "data": str(d / "new-npz"), "repeats": 1})
+        paths.setdefault("ort", {"runs": []})["runs"].append(r)
+        if rep < args.torch_repeats:
+            paths.setdefault("torch", {"runs": []})["runs"].append(run_worker("torch", tspec | {"repeats": 1}))
+    log(f"[{name}] reference (batch 1, per class)")
+    paths["reference"] = {"runs": [run_worker("reference", tspec)]}
+    for p in paths.values():
+        runs = p.pop("runs")
+        p |= runs[0] | {
+            "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+            "repeats": [r["images_per_s"] for r in runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        }
+        if "pass_images_per_s" in runs[0]:
+            p["pass_images_per_s"] = statistics.median(r["pass_images_per_s"] for r in runs)
+            p["seconds"] = statistics.median(r["seconds"] for r in runs)
+    if name in args.rss_models:
+        log(f"[{name}] gate on 10x the data ({10 * n} images, .npz) for peak RSS")
+        write_npz(d / "new-npz-10x", 10 * n, seed=3, shift=0.5)
+        paths["gate_npz_10x"] = gate(d / "new-npz-10x", 1)
+    g, o, t, ref = paths["gate_npz"], paths["ort"], paths["torch"], paths["reference"]
+    dists = {k: p["dist"] for k, p in paths.items() if "dist" in p and not k.endswith("10x")}
+    out = {
+        "model": name,
+        "layer": model["layer"],
+        "dim": dim,
+        "n": n,
+        "n_reference": n_ref,
+        "batch_size": args.batch_size,
+        "data_format": "npz",
+        "paths": paths,
+        "gate_vs_ort": g["images_per_s"] / o["images_per_s"],
+        "gate_vs_torch": g["images_per_s"] / t["images_per_s"],
+        "gate_vs_reference": g["images_per_s"] / ref["images_per_s"],
+        "gate_pass_vs_ort": g["pass_images_per_s"] / o["images_per_s"],
+        "images": {
+            "gate_vs_ort": paths["gate_images"]["images_per_s"] / o["images_per_s"],
+            "gate_vs_torch": paths["gate_images"]["images_per_s"] / t["images_per_s"],
+            "gate_vs_reference": paths["gate_images"]["images_per_s"] / ref["images_per_s"],
+        },
+        "dist": dists,
+        "max_dist_diff": max(dists.values()) - min(dists.values()),
+    }
+    if "gate_npz_10x" in paths:
+        out["rss_ratio_10x"] = paths["gate_npz_10x"]["peak_rss_mb"] / g["peak_rss_mb"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small n, one repeat, no Airflow run (CI smoke test)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--out", type=Path, help="also write the JSON there")
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"), help="where every path runs")
+    p.add_argument("--models", default="resnet18,vit")
+    p.add_argument("--n", type=int, help="new images per model (default 4000, quick 256)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of every path (default: the gate's)")
+    p.add_argument("--repeats", type=int, help="repeats of gate/ort (default 3, quick 1)")
+    p.add_argument("--skip-airflow", action="store_true")
+    p.add_argument("--workdir", type=Path, help="keep the data and models there (default: a temporary folder)")
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        kind, spec = args.worker
+        print(json.dumps(WORKERS[kind](json.loads(spec))), flush=True)
+        return 0
+
+    from resque_airflow.runtime.pipeline import DEFAULT_BATCH_SIZE
+
+    args.n = args.n or (256 if args.quick else 4000)
+    args.n_ref = min(args.n, 2000)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.torch_repeats = 1 if args.quick else 2
+    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    args.rss_models = {"resnet18"}
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    report: dict = {
+        "benchmark": "throughput",
+        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "quick": args.quick,
+        "provider": args.provider,
+        "machine": machine_info(),
+        "load_before": loadavg(),
+        "threads": physical_cores(),
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "targets": TARGETS | (GPU_TARGETS if args.provider == "cuda" else {}),
+    }
+    ctx = tempfile.TemporaryDirectory(prefix="resque-bench-") if args.workdir is None else contextlib.nullcontext()
+    with ctx as tmp:
+        work = Path(tmp) if tmp else args.workdir
+        work.mkdir(parents=True, exist_ok=True)
+        report["models"] = {name: bench_model(name, work, args, log) for name in models}
+        first = report["models"][models[0]]
+        report |= {
+            k: first.get(k)
+            for k in ("model", "data_format", "n", "gate_vs_ort", "gate_vs_torch", "gate_vs_reference",
+                      "rss_ratio_10x", "max_dist_diff")
+        }  # fmt: skip
+        for key in ("gate_npz", "gate_images", "ort", "torch", "reference", "gate_npz_10x"):
+            if key in first["paths"]:
+                report[f"{key}_images_per_s"] = first["paths"][key]["images_per_s"]
+                report[f"{key}_peak_rss_mb"] = first["paths"][key]["peak_rss_mb"]
+        report["max_dist_diff_all"] = max(m["max_dist_diff"] for m in report["models"].values())
+        log("RESQUE_task timing")
+        report["resque_task"] = time_resque_task(5_000 if args.quick else 50_000, repeats=1 if args.quick else 3)
+        report["data_hash"] = time_hash(args.n, 512, args.batch_size)
+        if not (args.quick or args.skip_airflow) and "resnet18" in models:
+            log("Airflow: publish, db migrate, dag.test of resque_gate on 1,000 images")
+            model = {"onnx": str(work / "resnet18.onnx")}
+            report["airflow"] = airflow_gate(work, model, 1000, args.provider)
+    report["load_after"] = loadavg()
+    report["wall_s"] = time.perf_counter() - t_start
+    report["met"] = {
+        k: (report.get(k) is not None and (report[k] <= v if k == "rss_ratio_10x" else report[k] >= v))
+        for k, v in report["targets"].items()
+    }
+    text = json.dumps(report, indent=2, default=float)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(summary_table(report))
+    return 0
+
+
+def summary_table(report: dict) -> str:
+    """A Markdown table of every model's paths (images/s and peak RSS) and the ratios."""
+    lines = ["| model | path | images/s | peak RSS (MiB) | RESQUE_dist |", "|---|---|---:|---:|---:|"]
+    for name, m in report["models"].items():
+        for key, p in m["paths"].items():
+            dist = f"{p['dist']:.8f}" if "dist" in p else ""
+            lines.append(f"| {name} | {key} | {p['images_per_s']:.1f} | {p['peak_rss_mb']:.0f} | {dist} |")
+    lines += ["", "| model | gate_vs_ort | gate_vs_torch | gate_vs_reference | rss_ratio_10x | max dist diff |"]
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for name, m in report["models"].items():
+        rss = f"{m['rss_ratio_10x']:.3f}" if "rss_ratio_10x" in m else "-"
+        lines.append(
+            f"| {name} | {m['gate_vs_ort']:.3f} | {m['gate_vs_torch']:.2f} | {m['gate_vs_reference']:.2f} | {rss} "
+            f"| {m['max_dist_diff']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
