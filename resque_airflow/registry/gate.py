@@ -7,14 +7,18 @@ failure never leaves a half-written trail:
 2. resolve the alias or version, download the model and fingerprint, check the sha256;
 3. open the gate run (one per Airflow task instance: an earlier try's run is soft-deleted);
 4. score; on any error the run is marked FAILED with ``resque.status=failed`` and no model-version tag changes;
-5. log metrics, the result artifact and the decision, close the run FINISHED;
-6. only then tag the model version (newest gate wins).
+5. log metrics, the result artifact and the decision, close the run FINISHED (its end time is the gate's time);
+6. only then tag the model version (newest gate wins, see :func:`_tag_model_version`).
+
+Registry failures anywhere in steps 2-6 surface as :class:`RegistryError` (the CLI's exit code 3; a retryable
+``ResqueGateError`` in Airflow). MLflow's own HTTP retries are bounded by :func:`~.client.make_client`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -127,41 +131,170 @@ class GateOutcome:
         return out
 
 
-def _open_gate_run(client, experiment_name: str, tags: dict, airflow: AirflowInfo | None) -> str:
+def _open_gate_run(client, experiment_name: str, tags: dict, airflow: AirflowInfo | None) -> tuple[str, str]:
+    """Create the gate run; returns ``(run_id, experiment_id)``."""
     exp_id = ensure_experiment(client, experiment_name)
     if airflow is not None:
         # One gate run per task instance: a retry replaces the earlier try's run (soft delete, restorable).
+        key = search_literal(airflow.key)
+        if key is None:  # Airflow's run ids hold no quotes; refuse rather than keep two runs for one instance
+            raise ResqueInputError(f"airflow: task instance key {airflow.key!r} holds both kinds of quote")
         earlier = registry_call(
             "looking for an earlier try",
             client.search_runs,
             [exp_id],
-            filter_string=f"tags.`{names.GATE_KEY_TAG}` = '{airflow.key}'",
+            filter_string=f"tags.`{names.GATE_KEY_TAG}` = {key}",
         )
         for run in earlier:
             log.info("replacing gate run %s of an earlier try of %s", run.info.run_id, airflow.key)
-            client.delete_run(run.info.run_id)
+            registry_call("replacing the earlier try's gate run", client.delete_run, run.info.run_id)
     run = registry_call("creating the gate run", client.create_run, exp_id, tags=tags, run_name="resque-gate")
-    return run.info.run_id
+    return run.info.run_id, exp_id
 
 
-def _tag_model_version(client, name: str, version: str, payload: dict) -> bool:
-    """Write the model-version tags unless a newer gate already did (newest gate wins). Returns whether written."""
-    mv = client.get_model_version(name, version)
-    current = mv.tags.get(LAST_GATE_TAG)
-    if current:
-        try:
-            if json.loads(current).get("time", "") > payload["time"]:
-                log.info("model version %s/%s already carries a newer gate result; leaving its tags", name, version)
-                return False
-        except (ValueError, AttributeError):
-            pass  # a damaged tag is overwritten
-    client.set_model_version_tag(name, version, LAST_GATE_TAG, json.dumps(payload))
-    for tag, key in (
-        (names.MV_TAG_SCORE, "score"), (names.MV_TAG_DECISION, "decision"), (names.MV_TAG_GATE_RUN, "run_id"),
-        (names.MV_TAG_TIME, "time"), (names.MV_TAG_MODE, "mode"),
-    ):  # fmt: skip
-        client.set_model_version_tag(name, version, tag, str(payload[key]))
-    return True
+def search_literal(value: str) -> str | None:
+    """``value`` as a string literal of an MLflow search filter, or None when it cannot be written as one.
+
+    MLflow's filter parser takes single- or double-quoted strings without escapes: a value holding one kind of
+    quote is written with the other; one holding both cannot be searched for.
+    """
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+def _iso(ms: int) -> str:
+    """The gate time as written in ``resque.last_gate``: ISO 8601, UTC, milliseconds (sorts as text)."""
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _order(payload: dict | None) -> tuple[str, str]:
+    """Sort key of a gate result: its time, then its run id (so that two gates in the same millisecond agree)."""
+    if not payload:
+        return ("", "")
+    return (str(payload.get("time", "")), str(payload.get("run_id", "")))
+
+
+def _tag_payload(tags: dict) -> dict | None:
+    """The JSON tag ``resque.last_gate`` of a model version, or None when absent or damaged."""
+    try:
+        payload = json.loads(tags.get(LAST_GATE_TAG) or "null")
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or not {"score", "decision", "run_id", "time", "mode"} <= set(payload):
+        return None
+    return payload
+
+
+def _derived(payload: dict) -> dict[str, str]:
+    """Every model-version tag a gate result sets; the individual ``resque.last_*`` tags derive from the JSON one."""
+    # The score as a Python float: the same result read back from a run's metric must give the same text.
+    payload = {k: payload[k] for k in ("score", "decision", "run_id", "time", "mode")} | {
+        "score": float(payload["score"])
+    }
+    out = {tag: str(payload[key]) for tag, key in _MV_FIELDS}
+    out[LAST_GATE_TAG] = json.dumps(payload)
+    return out
+
+
+_MV_FIELDS = (
+    (names.MV_TAG_SCORE, "score"), (names.MV_TAG_DECISION, "decision"), (names.MV_TAG_GATE_RUN, "run_id"),
+    (names.MV_TAG_TIME, "time"), (names.MV_TAG_MODE, "mode"),
+)  # fmt: skip
+_TAG_ROUNDS = 8  # bound on write-and-verify rounds under contention; two suffice without a concurrent gate
+
+
+def _newest_finished_gate(client, exp_id: str, name: str, version: str) -> dict | None:
+    """The newest decided gate run of ``name``/``version`` in ``exp_id``, as a tag payload (None if there is none)."""
+    name_literal, version_literal = search_literal(name), search_literal(version)
+    if name_literal is None or version_literal is None:
+        return None  # the tags alone then decide: still newest-wins, without the repair of a lost update
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=(
+            f"tags.`{names.MODEL_NAME_TAG}` = {name_literal} and tags.`{names.MODEL_VERSION_TAG}` = "
+            f"{version_literal} and tags.`{names.STATUS_TAG}` = 'decided' and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.end_time DESC"],
+        max_results=20,  # enough to break ties of equal end times by run id
+    )
+    best = None
+    for run in runs:
+        score = run.data.metrics.get(names.SCORE_METRIC)
+        if run.info.end_time is None or score is None or names.DECISION_TAG not in run.data.tags:
+            continue
+        payload = {
+            "score": score, "decision": run.data.tags[names.DECISION_TAG], "run_id": run.info.run_id,
+            "time": _iso(run.info.end_time), "mode": run.data.params.get("mode", ""),
+        }  # fmt: skip
+        if _order(payload) > _order(best):
+            best = payload
+    return best
+
+
+# How a database reports two writers inserting the same tag at once (SQLite, MySQL, PostgreSQL), through MLflow.
+_WRITE_CONFLICT = ("UNIQUE constraint failed", "IntegrityError", "Duplicate entry", "duplicate key value")
+
+
+def _set_tag_or_yield(client, name: str, version: str, tag: str, value: str) -> bool:
+    """Set one model-version tag; False when a concurrent writer of the same tag won the race.
+
+    MLflow's SQL store sets a tag as "look up, then insert or update": two gates setting a tag that neither saw
+    both insert, and the second gets an integrity error (HTTP 400 from a server, which MLflow does not retry).
+    Losing that race is not a failure: the caller re-reads the tags and verifies them.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_model_version_tag(name, version, tag, value)
+        return True
+    except MlflowException as exc:
+        if not any(marker in str(exc) for marker in _WRITE_CONFLICT):
+            raise
+        log.info("model version %s/%s: tag %s written concurrently by another gate; verifying", name, version, tag)
+        time.sleep(random.uniform(0.0, 0.2))  # let the other writer finish its round before reading
+        return False
+
+
+def _tag_model_version(client, name: str, version: str, payload: dict, exp_id: str | None = None) -> bool:
+    """Leave the model-version tags naming the newest gate (by time, then run id). Returns whether it is ours.
+
+    MLflow has no transaction over several tags, and no compare-and-set: a plain "read, compare, write" lets an
+    older gate that read before a newer one wrote overwrite it, and lets the tags of two gates interleave. So
+    each gate writes and then verifies, until the tags agree with the newest result it can see: its own, the
+    newest decided gate run of the same model version in its experiment (gate runs are closed before tagging
+    starts, so they are the durable record), or the JSON tag already there. Within a round the individual
+    ``resque.last_*`` tags are written first and ``resque.last_gate`` (the authoritative record) last. Two gates
+    inserting the same tag at once is a lost race, not an error (:func:`_set_tag_or_yield`).
+
+    Guarantee: the gate that writes last verifies after its last write, so once every gate has returned the tags
+    are all equal to the fields of ``resque.last_gate`` and name the newest decided gate. A damaged JSON tag is
+    overwritten.
+    """
+    ours = payload
+    for _ in range(_TAG_ROUNDS):
+        tags = dict(client.get_model_version(name, version).tags)
+        candidates = [ours, _tag_payload(tags)]
+        if exp_id is not None:
+            candidates.append(_newest_finished_gate(client, exp_id, name, version))
+        newest = max((c for c in candidates if c), key=_order)
+        wanted = _derived(newest)
+        if all(tags.get(k) == v for k, v in wanted.items()):
+            if newest is not ours:
+                log.info("model version %s/%s carries a newer gate result (%s); leaving it", name, version,
+                         newest["run_id"])  # fmt: skip
+            return newest is ours
+        for tag, value in wanted.items():  # dicts keep insertion order: resque.last_gate comes last
+            if tags.get(tag) != value and not _set_tag_or_yield(client, name, version, tag, value):
+                break  # another gate wrote this tag at the same moment: re-read, then verify
+    log.warning(
+        "model version %s/%s: tags still changing after %d rounds; a concurrent gate is tagging and will verify them",
+        name, version, _TAG_ROUNDS,
+    )  # fmt: skip
+    return False
 
 
 def run_gate(
@@ -191,7 +324,7 @@ def run_gate(
         }
         if airflow is not None:
             tags[names.GATE_KEY_TAG] = airflow.key
-        run_id = _open_gate_run(client, request.experiment_name, tags, airflow)
+        run_id, exp_id = _open_gate_run(client, request.experiment_name, tags, airflow)
         params = {
             "model_name": ref.name, "model_version": version.version, "model_alias": ref.alias or "",
             "model_sha256": fetched.sha256, "data_uri": request.data, "mode": request.mode,
@@ -204,7 +337,12 @@ def run_gate(
                 "airflow_try_number": airflow.try_number,
             }  # fmt: skip
         try:
-            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            registry_call(
+                "logging the gate's parameters",
+                client.log_batch,
+                run_id,
+                params=[Param(k, str(v)) for k, v in params.items()],
+            )
             if request.shard_summaries is not None:
                 result = _score_shards(request, fetched)
             elif request.mode == "dist":
@@ -222,7 +360,10 @@ def run_gate(
                 )  # fmt: skip
             decision, policy, prediction = _decide(client, version, request, result, thresholds)
             branch = branch_for(decision) if branch_for else None
-            now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            # One clock reading is the gate's time: the JSON tag's "time" and the run's end time, so that
+            # concurrent gates agree on which is newest whether they read the tag or the run.
+            stamp = int(time.time() * 1000)
+            now = _iso(stamp)
             metrics = {names.SCORE_METRIC: result.score, "n_samples": result.n_samples, "n_classes": result.n_classes}
             metrics |= {k: v for k, v in result.signals.items() if v is not None}
             metrics |= {f"angle_class_{k}": v for k, v in result.per_class.items()}
@@ -234,7 +375,6 @@ def run_gate(
                     f"predicted_{m}_high": prediction["high"],
                     "rebuild_cost": prediction["rebuild_cost"],
                 }
-            stamp = int(time.time() * 1000)
             outcome = GateOutcome(
                 score=result.score, decision=decision.value, mode=request.mode, model_name=ref.name,
                 model_version=str(version.version), model_alias=ref.alias, gate_run_id=run_id,
@@ -244,7 +384,9 @@ def run_gate(
                 per_class={str(k): v for k, v in result.per_class.items()}, layer=result.layer,
                 seconds=time.perf_counter() - t0,
             )  # fmt: skip
-            client.log_batch(
+            registry_call(
+                "logging the gate's result",
+                client.log_batch,
                 run_id,
                 metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
                 params=[
@@ -257,9 +399,11 @@ def run_gate(
                 tags=[RunTag(names.DECISION_TAG, decision.value), RunTag(names.BRANCH_TAG, json.dumps(branch)),
                       RunTag(names.POLICY_TAG, policy)],
             )  # fmt: skip
-            client.log_dict(run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT)
-            client.set_tag(run_id, names.STATUS_TAG, "decided")
-            client.set_terminated(run_id, "FINISHED")
+            registry_call(
+                "storing the gate result", client.log_dict, run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT
+            )
+            registry_call("marking the gate run decided", client.set_tag, run_id, names.STATUS_TAG, "decided")
+            registry_call("closing the gate run", client.set_terminated, run_id, "FINISHED", end_time=stamp)
         except BaseException as exc:
             _fail_run(client, run_id, exc)
             raise
@@ -270,6 +414,7 @@ def run_gate(
         ref.name,
         str(version.version),
         {"score": result.score, "decision": decision.value, "run_id": run_id, "time": now, "mode": request.mode},
+        exp_id,
     )
     log.info(
         "gate %s: RESQUE_%s=%.4f -> %s (version %s, %d samples, %s)%s",
@@ -311,12 +456,20 @@ def _score_shards(request: GateRequest, fetched) -> pipeline.ScoreResult:
 
 def _fail_run(client, run_id: str, exc: BaseException) -> None:
     """Best effort: mark the gate run failed with the reason; the original error is what the caller sees."""
+    from mlflow.entities import RunTag
+
     try:
-        client.set_tag(run_id, names.STATUS_TAG, "failed")
-        client.set_tag(run_id, names.ERROR_TAG, f"{type(exc).__name__}: {str(exc)[:4000]}")
+        # Two calls, not three: when the registry is what failed, each call spends MLflow's HTTP retries.
+        client.log_batch(
+            run_id,
+            tags=[
+                RunTag(names.STATUS_TAG, "failed"),
+                RunTag(names.ERROR_TAG, f"{type(exc).__name__}: {str(exc)[:4000]}"),
+            ],
+        )
         client.set_terminated(run_id, "FAILED")
     except Exception as inner:  # the registry may be the thing that failed
-        log.warning("could not mark gate run %s as failed: %s", run_id, inner)
+        log.warning("could not mark gate run %s as failed: %s", run_id, str(inner).splitlines()[0][:300])
 
 
 __all__ = ["AirflowInfo", "GateOutcome", "GateRequest", "RegistryError", "run_gate"]

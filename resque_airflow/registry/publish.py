@@ -108,7 +108,7 @@ def publish_model(
             params=[Param(k, str(v)) for k, v in params.items()],
         )
         if not registry_call("reading the registered model", _exists, client, name):
-            client.create_registered_model(name, description="Registered by airflow-provider-resque")
+            _create_registered_model(client, name)
         mv_tags = {MODEL_SHA_TAG: fp.model_sha256, names.TRAIN_RUN_MV_TAG: run_id}
         if torch_factory:
             mv_tags[TORCH_FACTORY_TAG] = torch_factory
@@ -134,3 +134,14 @@ def _exists(client, name: str) -> bool:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
         raise
+
+
+def _create_registered_model(client, name: str) -> None:
+    """Create registered model ``name``; another publisher creating it at the same moment is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Registered by airflow-provider-resque")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" and not _exists(client, name):
+            raise
