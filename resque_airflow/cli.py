@@ -186,7 +186,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     request = GateRequest(
         model_uri=args.model_uri, data=args.data, mode=args.mode, label_source=args.labels, layer=args.layer,
         provider=args.provider, reuse_threshold=args.reuse_threshold, rebuild_threshold=args.rebuild_threshold,
-        experiment_name=args.experiment,
+        experiment_name=args.experiment, batch_size=args.batch_size,
     )  # fmt: skip
     with progress_bar("gate", not args.json) as progress:
         outcome = run_gate(request, tracking_uri=args.tracking_uri, registry_uri=args.registry_uri, progress=progress)
@@ -296,12 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except ResqueInputError as exc:
-        print(f"resque: error: {exc}", file=sys.stderr)
-        return 2
-    except RegistryError as exc:
-        print(f"resque: registry error: {exc}", file=sys.stderr)
+    except RegistryError as exc:  # first: a missing model is both a registry error and bad input, and exits 3
+        print(f"resque: registry error: {_one_line(exc)}", file=sys.stderr)
         return 3
+    except ResqueInputError as exc:
+        print(f"resque: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: some come with a library's multi-line detail (ONNX Runtime, protobuf)."""
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

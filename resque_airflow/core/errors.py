@@ -1,7 +1,8 @@
 """Exceptions shared by every layer.
 
-The CLI maps :class:`ResqueInputError` (and its subclasses) to exit code 2 with a one-line message; the operator
-wraps any of them in :class:`~resque_airflow.operators.gate.ResqueGateError`. Messages name the problem, the value
+The CLI maps :class:`ResqueInputError` (and its subclasses) to exit code 2 with a one-line message, and
+:class:`RegistryError` to exit code 3; the operator turns input errors into a task failure without retry
+(``ResqueBadInputError``) and anything else into a retryable ``ResqueGateError``. Messages name the problem, the value
 received and the fix.
 """
 
@@ -26,3 +27,11 @@ class ModelError(ResqueInputError):
 
 class RegistryError(ResqueError):
     """The MLflow registry is unreachable or does not hold what was asked for."""
+
+
+class NotRegisteredError(RegistryError, ResqueInputError):
+    """The registry answered, and does not hold the model, alias or version asked for.
+
+    A :class:`RegistryError` (the CLI's exit code 3, as for any registry error) that is also bad input: the
+    operator fails without retry, since asking again cannot make it appear.
+    """

@@ -38,9 +38,10 @@ class ResqueGateOperator(BaseBranchOperator):
     The full result (score, decision, model version, gate run id, provider, counts, signals) is returned, so it is
     pushed to XCom as ``return_value``; it is JSON-serialisable. Branch ids may be task ids or task-group ids.
 
-    On bad input the task fails without retry (:class:`ResqueBadInputError`); when the registry is unreachable it
-    fails with :class:`ResqueGateError` (retryable). Either way no model-version tag is written and the gate run,
-    if one was opened, is marked failed. A retry of the same task instance leaves exactly one gate run.
+    On bad input the task fails without retry (:class:`ResqueBadInputError`), and so it does when the registry has
+    no such model, alias or version; when the registry is unreachable it fails with :class:`ResqueGateError`
+    (retryable). Either way no model-version tag is written and the gate run, if one was opened, is marked failed.
+    A retry of the same task instance leaves exactly one gate run. docs/RELIABILITY.md lists what is tested.
 
     :param model_name: registered model name. (templated)
     :param model_alias: alias of the version to gate (``champion``); or use ``model_version``. (templated)
@@ -139,9 +140,10 @@ class ResqueGateOperator(BaseBranchOperator):
             experiment_name=self.experiment_name, batch_size=self.batch_size,
             shard_summaries=None if self.shard_summaries is None else [str(u) for u in self.shard_summaries],
         )  # fmt: skip
+        map_index = getattr(ti, "map_index", None)
         airflow = AirflowInfo(
             dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=int(ti.try_number or 1),
-            map_index=int(getattr(ti, "map_index", -1) or -1),
+            map_index=-1 if map_index is None else int(map_index),  # 0 is a map index, not "unmapped"
         )  # fmt: skip
         where = f"MLflow experiment {self.experiment_name!r} (connection {self.mlflow_conn_id!r})"
         try:

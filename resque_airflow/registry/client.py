@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from resque_airflow.core.errors import RegistryError, ResqueInputError
+from resque_airflow.core.errors import NotRegisteredError, RegistryError, ResqueInputError
 
 _URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -27,6 +27,9 @@ def make_client(tracking_uri: str, registry_uri: str | None = None):
     # An unreachable server should fail a gate in seconds, not after MLflow's default ~2 minutes of backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # Against a server, MLflow writes "View run ... at" lines to stdout whenever a run ends (and asks the server
+    # for the run to do so): stdout is the CLI's, where `resque gate --json` prints one JSON object.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
@@ -97,7 +100,8 @@ def resolve_version(client, ref: ModelRef):
     """The :class:`~mlflow.entities.model_registry.ModelVersion` that ``ref`` points at.
 
     Raises:
-        RegistryError: the model, alias or version does not exist (the message lists what does).
+        NotRegisteredError: the model, alias or version does not exist (the message lists what does).
+        RegistryError: the registry could not be asked.
     """
     from mlflow.exceptions import MlflowException
 
@@ -105,13 +109,14 @@ def resolve_version(client, ref: ModelRef):
         if ref.alias:
             return registry_call(f"resolving {ref}", client.get_model_version_by_alias, ref.name, ref.alias)
         return registry_call(f"resolving {ref}", client.get_model_version, ref.name, ref.version)
-    except MlflowException as exc:
+    except MlflowException as exc:  # registry_call lets only "does not exist" and "invalid value" through
         try:
-            model = client.get_registered_model(ref.name)
-        except MlflowException:
-            raise RegistryError(
+            model = registry_call(f"reading the registered model {ref.name!r}", client.get_registered_model, ref.name)
+        except MlflowException as missing:
+            # Only a definite "does not exist" means so: anything else is the registry failing, not the model.
+            raise NotRegisteredError(
                 f"MLflow: no registered model named {ref.name!r}; publish it first (resque publish)"
-            ) from exc
+            ) from missing
         known = sorted(model.aliases) if ref.alias else [v.version for v in model.latest_versions]
         what = f"alias {ref.alias!r}" if ref.alias else f"version {ref.version}"
-        raise RegistryError(f"MLflow: model {ref.name!r} has no {what}; it has {known}") from exc
+        raise NotRegisteredError(f"MLflow: model {ref.name!r} has no {what}; it has {known}") from exc
