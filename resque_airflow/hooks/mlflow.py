@@ -7,6 +7,9 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
+_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_SET_BY_HOOK: dict[str, str] = {}  # credential variables this process's hooks set, with the value they set
+
 
 class MlflowHook(BaseHook):
     """Builds an :class:`mlflow.MlflowClient` from an Airflow connection.
@@ -55,16 +58,33 @@ class MlflowHook(BaseHook):
     def registry_uri(self) -> str | None:
         return (self.connection.extra_dejson or {}).get("registry_uri") or None
 
+    def configure_credentials(self) -> None:
+        """Hand this connection's credentials to MLflow (the environment variables it reads), and only them.
+
+        The variables are process-wide: a worker that ran a task with another connection's credentials must not
+        send them to this connection's server. So credentials that a hook set earlier are removed when this
+        connection has none; variables set by the deployment itself (not by a hook) are left alone.
+        """
+        conn = self.connection
+        wanted: dict[str, str] = {}
+        if conn.login:
+            wanted = {"MLFLOW_TRACKING_USERNAME": conn.login, "MLFLOW_TRACKING_PASSWORD": conn.password or ""}
+        elif conn.password:
+            wanted = {"MLFLOW_TRACKING_TOKEN": conn.password}
+        for var in _CREDENTIAL_VARS:
+            if var in wanted:
+                os.environ[var] = wanted[var]
+                _SET_BY_HOOK[var] = wanted[var]
+            elif var in _SET_BY_HOOK:
+                ours = _SET_BY_HOOK.pop(var)
+                if os.environ.get(var) == ours:  # changed since by someone else: theirs to keep
+                    del os.environ[var]
+
     def get_client(self):
         """An :class:`mlflow.MlflowClient` for this connection."""
         from resque_airflow.registry.client import make_client
 
-        conn = self.connection
-        if conn.login:
-            os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
-        elif conn.password:
-            os.environ["MLFLOW_TRACKING_TOKEN"] = conn.password
+        self.configure_credentials()
         return make_client(self.tracking_uri, self.registry_uri)
 
     def test_connection(self) -> tuple[bool, str]:

@@ -148,6 +148,7 @@ class ResqueGateOperator(BaseBranchOperator):
         where = f"MLflow experiment {self.experiment_name!r} (connection {self.mlflow_conn_id!r})"
         try:
             hook = MlflowHook(self.mlflow_conn_id)
+            hook.configure_credentials()  # run_gate builds its client from the URI: a server behind auth needs them
             outcome = run_gate(
                 request,
                 tracking_uri=hook.tracking_uri,
