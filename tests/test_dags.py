@@ -201,3 +201,23 @@ def test_cost_aware_decision_with_a_history(champion):
     expected = "retrain" if m["predicted_steps_to_target"] < m["rebuild_cost"] else "rebuild"
     assert run.data.tags[names.DECISION_TAG] == expected
     assert states(dr)[expected] == "success"
+
+
+def test_accuracy_guard_overrides_a_low_score(champion):
+    """With labels, a model below its retrain target is never reused, however low RESQUE scores."""
+    uri, data, _ = champion
+    dag = load_dag("resque_gate")
+    lenient = {"reuse_threshold": 0.99, "rebuild_threshold": 1.0, "max_epochs": 1}  # RESQUE alone says reuse
+    shifted = dag.test(run_conf={"model_name": "digits-cnn", "data_uri": str(data["shifted"]), **lenient})
+    run = gate_run_of(uri, shifted)
+    accuracy_drop = run.data.metrics["acc_drop"]
+    reference_accuracy = (
+        make_client(uri)
+        .get_run(make_client(uri).get_model_version_by_alias("digits-cnn", "champion").run_id)
+        .data.metrics["reference_accuracy"]
+    )
+    assert reference_accuracy - accuracy_drop < 0.95 * reference_accuracy  # the batch really is below target
+    assert run.data.tags[names.DECISION_TAG] == "retrain" and run.data.params["policy"] == "thresholds+accuracy"
+    assert states(shifted)["retrain"] == "success" and states(shifted)["reuse"] == "skipped"
+    clean = dag.test(run_conf={"model_name": "digits-cnn", "data_uri": str(data["clean"]), **lenient})
+    assert gate_run_of(uri, clean).data.tags[names.DECISION_TAG] == "reuse"

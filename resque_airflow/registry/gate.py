@@ -54,6 +54,7 @@ class GateRequest:
     experiment_name: str = names.DEFAULT_EXPERIMENT
     batch_size: int = pipeline.DEFAULT_BATCH_SIZE
     cost_aware: bool = True  # with enough retrain history, decide retrain vs rebuild on predicted cost
+    accuracy_target_relative: float = 0.95  # with given labels: below this x reference accuracy, never reuse
     shard_summaries: list[str] | None = None  # fan-in: score merged shard summaries instead of reading ``data``
 
     def thresholds(self) -> Thresholds:
@@ -358,7 +359,8 @@ def run_gate(
                     provider=request.provider, batch_size=request.batch_size,
                     image_spec=fp.input_spec.image if fp else None, progress=progress,
                 )  # fmt: skip
-            decision, policy, prediction = _decide(client, version, request, result, thresholds)
+            ref_accuracy = fetched.fingerprint.summary.accuracy if fetched.fingerprint else None
+            decision, policy, prediction = _decide(client, version, request, result, thresholds, ref_accuracy)
             branch = branch_for(decision) if branch_for else None
             # One clock reading is the gate's time: the JSON tag's "time" and the run's end time, so that
             # concurrent gates agree on which is newest whether they read the tag or the run.
@@ -424,16 +426,31 @@ def run_gate(
     return outcome
 
 
-def _decide(client, version, request: GateRequest, result, thresholds: Thresholds):
-    """Thresholds decide reuse; above it, predicted cost against rebuild cost decides when history allows."""
-    by_threshold = decide(result.score, thresholds)
-    if by_threshold is Decision.REUSE or not request.cost_aware or request.mode != "dist":
-        return by_threshold, "thresholds", None
+def _decide(client, version, request: GateRequest, result, thresholds: Thresholds, reference_accuracy: float | None):
+    """Thresholds decide reuse; above it, predicted cost against rebuild cost decides when history allows.
+
+    Accuracy guard: with given labels, the gate knows the model's accuracy on the new data. Below
+    ``accuracy_target_relative`` x its reference accuracy (the target a retrain must reach) the model cannot be
+    reused, whatever the score: information-destroying shifts (additive noise) can score low yet cost a retrain
+    (docs/EVIDENCE.md).
+    """
+    decision, policy = decide(result.score, thresholds), "thresholds"
+    acc_drop = result.signals.get("acc_drop")
+    if decision is Decision.REUSE and acc_drop is not None and reference_accuracy:
+        accuracy = reference_accuracy - acc_drop
+        if accuracy < request.accuracy_target_relative * reference_accuracy:
+            log.info(
+                "accuracy guard: accuracy %.3f is below %.2f x the reference %.3f; retrain despite RESQUE %.4f",
+                accuracy, request.accuracy_target_relative, reference_accuracy, result.score,
+            )  # fmt: skip
+            decision, policy = Decision.RETRAIN, "thresholds+accuracy"
+    if decision is Decision.REUSE or not request.cost_aware or request.mode != "dist":
+        return decision, policy, None
     from resque_airflow.registry.history import cost_policy
 
     cost = cost_policy(client, version, result.signals)
     if cost is None:
-        return by_threshold, "thresholds", None
+        return decision, policy, None
     log.info(
         "cost model (%d runs): predicted %s %.1f [%.1f, %.1f] vs rebuild %.1f -> %s",
         cost.n_history, cost.cost_metric, cost.predicted, cost.low, cost.high, cost.rebuild_cost, cost.decision,
