@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,7 +153,8 @@ def test_cli_fingerprint_of_another_model(cnn_onnx, fp_dir, tmp_path, write_npz,
 
 
 def test_installed_entry_point_exit_code(tmp_path):
-    exe = shutil.which("resque")
+    # The console script sits beside the interpreter running the tests (the venv may not be on PATH).
+    exe = shutil.which("resque", path=str(Path(sys.executable).parent)) or shutil.which("resque")
     assert exe, "the resque console script is not installed (pip install -e .)"
     proc = subprocess.run([exe, "score", "dist", "--model", str(tmp_path / "none.onnx"), "--fingerprint", str(tmp_path),
                            "--data", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
