@@ -152,6 +152,7 @@ def _print_table(rows: list[dict]) -> None:
     for col in (
         "batch",
         "RESQUE_dist",
+        "acc drop",
         "decision",
         "branch taken",
         "DAG run",
