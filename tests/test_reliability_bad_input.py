@@ -199,10 +199,7 @@ CASES = {
     "empty-data": Case("holds no samples", data="empty"),
     "empty-folder": Case("holds no .npy/.npz/.parquet shards", data="empty-folder"),
     "folder-with-one-unreadable-shard": Case("cannot read shard", data="one-bad-shard"),
-    "folder-with-one-truncated-shard": Case("cannot read shard", data="one-truncated-shard", xfail=(
-        "runtime/readers.py: DataSource.__iter__ maps OSError/ValueError/EOFError to ResqueInputError, but a "
-        "truncated .npz raises zipfile.BadZipFile (neither): the CLI exits 1 with a traceback and the operator "
-        "retries (ResqueGateError) instead of failing as bad input")),
+    "folder-with-one-truncated-shard": Case("cannot read shard", data="one-truncated-shard"),
     "image-fails-to-decode": Case("broken.png cannot be decoded", data="images"),
     "labels-outside-classes": Case("are outside the fingerprint's classes 0..3", data="labels-outside"),
     "labels-non-integer-floats": Case("expected integer class indices, got non-integer floats", data="labels-float"),

@@ -342,12 +342,6 @@ def test_shard_writer_killed_leaves_no_partial_shard(kill_at, registry, tmp_path
     assert decided_run_ids(uri) == decided and mv_tags(uri, "cnn") == tags
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/shards.py: read_shard maps OSError/ValueError/KeyError/TypeError to ResqueInputError, but a "
-    "truncated .npz raises zipfile.BadZipFile (none of them): a gate pointed at a cut-short summary fails "
-    "retryably (ResqueGateError) and the CLI exits 1 with a traceback, instead of 'damaged' as bad input",
-)
 def test_truncated_shard_summary_is_bad_input(tmp_path):
     from resque_airflow.core.summary import FeatureSummary
     from resque_airflow.runtime.shards import ShardHeader, read_shard, write_shard

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ class DataSource:
                 yield from reader(f)
             except ResqueInputError:
                 raise
-            except (OSError, ValueError, EOFError) as exc:
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated .npz: BadZipFile
                 raise ResqueInputError(f"data: cannot read shard {f}: {type(exc).__name__}: {exc}") from exc
 
     def _slices(self, x: np.ndarray, y: np.ndarray | None, source: str) -> Iterator[Batch]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
+import zipfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -64,7 +65,7 @@ def read_shard(uri: str) -> tuple[FeatureSummary, ShardHeader]:
         return FeatureSummary.from_parts(scalars, arrays), header
     except FileNotFoundError as exc:
         raise ResqueInputError(f"shard: {uri} not found; did its shard task succeed?") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise ResqueInputError(f"shard: {uri} is damaged or not a shard summary ({type(exc).__name__}: {exc})") from exc
 
 
