@@ -661,7 +661,12 @@ def bench_model(name: str, work: Path, args, log) -> dict:
     }
     if "gate_npz_10x" in paths:
         out["rss_ratio_10x"] = paths["gate_npz_10x"]["peak_rss_mb"] / paths["gate_npz"]["peak_rss_mb"]
+    out["met"] = {k: _meets(k, out.get(k), v) for k, v in args.targets.items() if k in out}
     return out
+
+
+def _meets(key: str, value: float | None, target: float) -> bool:
+    return value is not None and (value <= target if key == "rss_ratio_10x" else value >= target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -697,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
+    args.targets = TARGETS | (GPU_TARGETS if args.provider == "cuda" else {})
     report: dict = {
         "benchmark": "throughput",
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -707,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": physical_cores(),
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        "targets": TARGETS | (GPU_TARGETS if args.provider == "cuda" else {}),
+        "targets": args.targets,
     }
     ctx = tempfile.TemporaryDirectory(prefix="resque-bench-") if args.workdir is None else contextlib.nullcontext()
     with ctx as tmp:
@@ -734,10 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             report["airflow"] = airflow_gate(work, model, 1000, args.provider)
     report["load_after"] = loadavg()
     report["wall_s"] = time.perf_counter() - t_start
-    report["met"] = {
-        k: (report.get(k) is not None and (report[k] <= v if k == "rss_ratio_10x" else report[k] >= v))
-        for k, v in report["targets"].items()
-    }
+    report["met"] = {k: _meets(k, report.get(k), v) for k, v in report["targets"].items()}
     text = json.dumps(report, indent=2, default=float)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from resque_airflow.core.errors import RegistryError, ResqueInputError
+from resque_airflow.errors import RegistryError, ResqueInputError
 
 log = logging.getLogger("resque")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 from resque_airflow.registry.names import CENSORED_METRIC, COST_METRICS, FINAL_ACCURACY_METRIC
 
 log = logging.getLogger(__name__)

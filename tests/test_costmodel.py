@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from resque_airflow.core.costmodel import MIN_HISTORY, SIGNALS, CostModel, Prediction
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 
 
 def synthetic(n: int, seed: int, noise: float = 0.3, signals=("a", "b", "c")):

@@ -20,7 +20,7 @@ import pytest
 from conftest import make_images
 from test_reliability_support import MlflowServer, check_tags_name, gate_runs, mv_tags, newest_gate
 
-from resque_airflow.core.errors import RegistryError
+from resque_airflow.errors import RegistryError
 from resque_airflow.registry import names
 from resque_airflow.registry.gate import GateRequest, run_gate
 from resque_airflow.registry.publish import publish_model

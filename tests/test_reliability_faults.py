@@ -33,7 +33,7 @@ from test_reliability_support import (
     operator_gate,
 )
 
-from resque_airflow.core.errors import RegistryError, ResqueInputError
+from resque_airflow.errors import RegistryError, ResqueInputError
 from resque_airflow.registry import names
 from resque_airflow.registry.gate import GateRequest, run_gate
 from resque_airflow.registry.publish import publish_model

@@ -25,7 +25,7 @@ import pytest
 from conftest import REPO, flip_byte, make_images
 from test_reliability_support import FakeTI, MlflowServer, decided_run_ids, gate_runs, mv_tags
 
-from resque_airflow.core.errors import FingerprintError, RegistryError
+from resque_airflow.errors import FingerprintError, RegistryError
 
 # Imported here, not in a test: importing Airflow configures logging, which would drop pytest's log capture.
 from resque_airflow.operators.gate import ResqueGateOperator

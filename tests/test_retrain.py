@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 from resque_airflow.examples.digits import load_digits_splits, make_model
 from resque_airflow.registry.names import CENSORED_METRIC, COST_METRICS, FINAL_ACCURACY_METRIC
 from resque_airflow.retrain import RetrainCost, fine_tune, validate_country_iso_code

@@ -6,16 +6,16 @@ Nothing here imports Airflow, MLflow or ONNX Runtime.
 from resque_airflow.core.classsums import ClassSums
 from resque_airflow.core.costmodel import MIN_HISTORY, CostModel, Prediction
 from resque_airflow.core.decision import DEFAULT_THRESHOLDS, Decision, Thresholds, decide
-from resque_airflow.core.errors import (
+from resque_airflow.core.fingerprint import Fingerprint, ImageSpec, InputSpec
+from resque_airflow.core.metrics import DistScore, TaskScore, ks_mean, mmd_linear, resque_dist, resque_task
+from resque_airflow.core.summary import FeatureSummary, companion_signals, sums_for
+from resque_airflow.errors import (
     FingerprintError,
     ModelError,
     RegistryError,
     ResqueError,
     ResqueInputError,
 )
-from resque_airflow.core.fingerprint import Fingerprint, ImageSpec, InputSpec
-from resque_airflow.core.metrics import DistScore, TaskScore, ks_mean, mmd_linear, resque_dist, resque_task
-from resque_airflow.core.summary import FeatureSummary, companion_signals, sums_for
 
 __all__ = [
     "DEFAULT_THRESHOLDS",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 
 
 def check_labels(labels: np.ndarray, num_classes: int, n: int, *, what: str = "labels") -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass
 
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 
 
 class Decision(str, enum.Enum):

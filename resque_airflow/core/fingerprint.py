@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from resque_airflow.core.errors import FingerprintError
 from resque_airflow.core.summary import FeatureSummary
+from resque_airflow.errors import FingerprintError
 
 FORMAT_VERSION = 1
 JSON_NAME = "fingerprint.json"

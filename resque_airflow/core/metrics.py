@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from resque_airflow.core.classsums import ClassSums, check_features, check_labels
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 
 
 @dataclass(frozen=True)

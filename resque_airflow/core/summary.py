@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from resque_airflow.core.classsums import ClassSums, check_features, check_labels
-from resque_airflow.core.errors import ResqueInputError
 from resque_airflow.core.metrics import ks_mean, mmd_linear, resque_dist, resque_task
+from resque_airflow.errors import ResqueInputError
 
 LABEL_SOURCES = ("given", "predicted", "none")
 DEFAULT_SAMPLE_SIZE = 2000

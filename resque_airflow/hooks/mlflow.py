@@ -44,7 +44,7 @@ class MlflowHook(BaseHook):
     def tracking_uri(self) -> str:
         host = (self.connection.host or "").strip()
         if not host:
-            from resque_airflow.core.errors import ResqueInputError
+            from resque_airflow.errors import ResqueInputError
 
             raise ResqueInputError(
                 f"connection {self.mlflow_conn_id!r}: host is empty; set it to the MLflow tracking URI"

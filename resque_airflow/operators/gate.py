@@ -129,7 +129,7 @@ class ResqueGateOperator(BaseBranchOperator):
 
     def choose_branch(self, context: Context) -> list[str]:
         """Run the gate and return the branch for its decision; the full result is kept in ``self.outcome``."""
-        from resque_airflow.core.errors import ResqueInputError
+        from resque_airflow.errors import ResqueInputError
         from resque_airflow.hooks.mlflow import MlflowHook
         from resque_airflow.registry.gate import AirflowInfo, GateRequest, run_gate
 

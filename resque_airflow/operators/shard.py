@@ -58,7 +58,7 @@ class ResqueShardOperator(BaseOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> str:
-        from resque_airflow.core.errors import ResqueInputError
+        from resque_airflow.errors import ResqueInputError
         from resque_airflow.hooks.mlflow import MlflowHook
         from resque_airflow.registry.artifacts import fetch_model
         from resque_airflow.registry.client import ModelRef, resolve_version

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from resque_airflow.core.errors import FingerprintError, ModelError, RegistryError
 from resque_airflow.core.fingerprint import Fingerprint, sha256_file
+from resque_airflow.errors import FingerprintError, ModelError, RegistryError
 from resque_airflow.registry.client import registry_call
 
 log = logging.getLogger(__name__)

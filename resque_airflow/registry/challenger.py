@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 from resque_airflow.registry import names
 from resque_airflow.registry.client import make_client, registry_call
 from resque_airflow.registry.publish import TORCH_FACTORY_TAG, publish_model

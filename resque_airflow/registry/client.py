@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-from resque_airflow.core.errors import NotRegisteredError, RegistryError, ResqueInputError
+from resque_airflow.errors import NotRegisteredError, RegistryError, ResqueInputError
 
 _URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -72,6 +73,13 @@ class ModelRef:
     version: str | None = None
 
     @classmethod
+    def of(cls, name: str, alias: str | None = None, version: str | int | None = None) -> ModelRef:
+        """The reference to ``version`` of ``name`` when a version is given, else to its ``alias``."""
+        if version not in (None, ""):
+            return cls.parse(f"models:/{name}/{version}")
+        return cls.parse(f"models:/{name}@{alias}")
+
+    @classmethod
     def parse(cls, uri: str) -> ModelRef:
         m = _URI.match(uri or "")
         if not m:
@@ -120,3 +128,35 @@ def resolve_version(client, ref: ModelRef):
         known = sorted(model.aliases) if ref.alias else [v.version for v in model.latest_versions]
         what = f"alias {ref.alias!r}" if ref.alias else f"version {ref.version}"
         raise NotRegisteredError(f"MLflow: model {ref.name!r} has no {what}; it has {known}") from exc
+
+
+def search_literal(value: str) -> str | None:
+    """``value`` as a string literal of an MLflow search filter, or None when it cannot be written as one.
+
+    MLflow's filter parser takes single- or double-quoted strings without escapes: a value holding one kind of
+    quote is written with the other; one holding both cannot be searched for.
+
+    >>> search_literal("digits-cnn")
+    "'digits-cnn'"
+    >>> print(search_literal("o'brien-cnn"))
+    "o'brien-cnn"
+    >>> print(search_literal("a'b" + '"c'))
+    None
+    """
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+def iso_time(ms: int | None) -> str | None:
+    """A time in MLflow's milliseconds since the epoch as ISO 8601, UTC, to the millisecond (sorts as text).
+
+    >>> iso_time(1767225600123)
+    '2026-01-01T00:00:00.123+00:00'
+    """
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")

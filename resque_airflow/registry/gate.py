@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from resque_airflow.core.decision import DEFAULT_THRESHOLDS, Decision, Thresholds, decide
-from resque_airflow.core.errors import RegistryError, ResqueInputError
 from resque_airflow.core.summary import LABEL_SOURCES
+from resque_airflow.errors import RegistryError, ResqueInputError
 from resque_airflow.registry import names
 from resque_airflow.registry.artifacts import fetch_model
 from resque_airflow.registry.client import ModelRef, ensure_experiment, make_client, registry_call, resolve_version

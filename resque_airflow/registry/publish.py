@@ -7,8 +7,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from resque_airflow.core.errors import ResqueInputError
 from resque_airflow.core.fingerprint import ImageSpec, sha256_file
+from resque_airflow.errors import ResqueInputError
 from resque_airflow.registry import names
 from resque_airflow.registry.client import ensure_experiment, make_client, registry_call
 from resque_airflow.runtime.graph import load_model

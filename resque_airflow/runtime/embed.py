@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 from resque_airflow.runtime.graph import ExposedModel, expose_layer, load_model
 from resque_airflow.runtime.readers import Batch
 from resque_airflow.runtime.session import Session, create_session

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resque_airflow.core.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError
 from resque_airflow.runtime.graph import LAYER_METADATA_KEY
 
 log = logging.getLogger(__name__)

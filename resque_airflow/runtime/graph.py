@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
-from resque_airflow.core.errors import ModelError
+from resque_airflow.errors import ModelError
 
 POOLED_SUFFIX = "/resque_pooled"
 LAYER_METADATA_KEY = "resque.layer"  # written by export_torch: the representation tensor's name

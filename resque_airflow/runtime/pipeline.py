@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from resque_airflow.core.errors import ResqueInputError
 from resque_airflow.core.fingerprint import Fingerprint, ImageSpec, InputSpec, sha256_bytes
 from resque_airflow.core.metrics import resque_dist, resque_task
 from resque_airflow.core.summary import (
@@ -26,6 +25,7 @@ from resque_airflow.core.summary import (
     companion_signals,
     sums_for,
 )
+from resque_airflow.errors import ResqueInputError
 from resque_airflow.runtime.embed import Embedder
 from resque_airflow.runtime.readers import DataSource
 
@@ -291,6 +291,7 @@ def score_dist(
     if label_source not in LABEL_SOURCES:
         raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {label_source!r}")
     embedder = Embedder(model_bytes, layer=fingerprint.layer, provider=provider)
+    del model_bytes  # the session holds its own copy: keep the file's bytes (~45 MB for a ResNet-18) out of the peak
     imports = _import_in_background()  # overlaps the pass, where ORT leaves a core partly idle (reads, waits)
     summary, stats = summarise(embedder, fingerprint, data, batch_size=batch_size, progress=progress)
     imports.join()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from resque_airflow.core.errors import ResqueInputError
 from resque_airflow.core.fingerprint import ImageSpec
+from resque_airflow.errors import ResqueInputError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from resque_airflow.core.errors import ModelError, ResqueInputError
+from resque_airflow.errors import ModelError, ResqueInputError
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from resque_airflow.core.errors import ResqueInputError
 from resque_airflow.core.fingerprint import Fingerprint
 from resque_airflow.core.summary import FeatureSummary
+from resque_airflow.errors import ResqueInputError
 
 SHARD_FORMAT = 1
 

@@ -8,6 +8,8 @@ received and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 
 class ResqueError(Exception):
     """Base class of every error raised on purpose by this package."""
@@ -35,3 +37,33 @@ class NotRegisteredError(RegistryError, ResqueInputError):
     A :class:`RegistryError` (the CLI's exit code 3, as for any registry error) that is also bad input: the
     operator fails without retry, since asking again cannot make it appear.
     """
+
+
+def check_choice(name: str, value: object, choices: Collection[object]) -> None:
+    """Raise :class:`ResqueInputError` naming ``name`` unless ``value`` is one of ``choices``.
+
+    >>> check_choice("labels", "given", ("given", "predicted", "none"))
+    >>> check_choice("labels", "gvien", ("given", "predicted", "none"))
+    Traceback (most recent call last):
+    ...
+    resque_airflow.errors.ResqueInputError: labels: expected one of ('given', 'predicted', 'none'), got 'gvien'
+    """
+    if value not in choices:
+        raise ResqueInputError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def first_line(exc: BaseException | str, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (or of a string), at most ``limit`` characters.
+
+    MLflow and ONNX Runtime put pages of context under the line that says what went wrong.
+
+    >>> first_line(ValueError("bad shape\\n  at frame 1"))
+    'bad shape'
+    >>> first_line(KeyError())
+    'KeyError'
+    """
+    text = str(exc) if not isinstance(exc, str) else exc
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__ if isinstance(exc, BaseException) else ""
