@@ -15,7 +15,8 @@ Gate run contents
     per-class angles included).
 
 Model-version tags
-    ``MV_TAG_*`` below: the latest score, decision, gate run id and time.
+    ``LAST_GATE_TAG`` (one JSON object: score, decision, gate run id, time, mode) and the ``MV_TAG_*`` below, each
+    one field of it; set at publish time: ``MODEL_SHA_TAG``, ``TRAIN_RUN_MV_TAG`` and ``TORCH_FACTORY_TAG``.
 """
 
 KIND_TAG = "resque.kind"
@@ -26,15 +27,24 @@ KIND_TRAIN = "train"
 
 DEFAULT_EXPERIMENT = "resque-gate"
 RETRAIN_EXPERIMENT = "resque-retrain"
+MODELS_EXPERIMENT = "resque-models"  # where published versions' runs go
+GATE_RUN_NAME = "resque-gate"  # the MLflow run name of every gate run
 
 # Tags on gate runs.
 GATE_KEY_TAG = "resque.gate_key"  # dag_id/run_id/task_id/map_index: one gate run per Airflow task instance
 DECISION_TAG = "resque.decision"
 BRANCH_TAG = "resque.branch"  # the task ids the gate followed
 STATUS_TAG = "resque.status"  # "scoring" while running, then "decided" or "failed"
-POLICY_TAG = "resque.policy"  # "thresholds" or "cost_model": what produced the decision
+STATUS_SCORING = "scoring"
+STATUS_DECIDED = "decided"
+STATUS_FAILED = "failed"
+POLICY_TAG = "resque.policy"  # one of the POLICY_* values: what produced the decision
+POLICY_THRESHOLDS = "thresholds"
+POLICY_ACCURACY = "thresholds+accuracy"  # thresholds said reuse, the accuracy guard said retrain
+POLICY_COST_MODEL = "cost_model"
 ERROR_TAG = "resque.error"  # on failed gate runs: the exception type and message
 ACTION_TAG = "resque.action"  # set by the branch that acted on the decision (e.g. "reused")
+ACTION_REUSED = "reused"
 MODEL_NAME_TAG = "resque.model_name"
 MODEL_VERSION_TAG = "resque.model_version"
 
@@ -46,6 +56,7 @@ GATE_PARAMS = (
 )  # fmt: skip
 
 SCORE_METRIC = "resque_score"
+ANGLE_METRIC_PREFIX = "angle_class_"  # + class index: the per-class angle (also in GATE_RESULT_ARTIFACT)
 SIGNAL_METRICS = (
     "resque_dist", "resque_dist_predicted", "resque_dist_none", "mmd", "ks", "separability", "confidence_drop",
     "acc_drop", "resque_task",
@@ -58,7 +69,14 @@ MV_TAG_DECISION = "resque.last_decision"
 MV_TAG_GATE_RUN = "resque.last_gate_run_id"
 MV_TAG_TIME = "resque.last_gate_time"
 MV_TAG_MODE = "resque.last_mode"
-MV_TAGS = (MV_TAG_SCORE, MV_TAG_DECISION, MV_TAG_GATE_RUN, MV_TAG_TIME, MV_TAG_MODE)
+LAST_GATE_TAG = "resque.last_gate"  # the JSON record the MV_TAG_* derive from (written last: authoritative)
+# Each MV_TAG_* is one field of LAST_GATE_TAG's JSON object.
+MV_TAG_FIELDS = (
+    (MV_TAG_SCORE, "score"), (MV_TAG_DECISION, "decision"), (MV_TAG_GATE_RUN, "run_id"), (MV_TAG_TIME, "time"),
+    (MV_TAG_MODE, "mode"),
+)  # fmt: skip
+MODEL_SHA_TAG = "resque.model_sha256"  # set at publish: the sha256 of the version's model.onnx
+TORCH_FACTORY_TAG = "resque.torch_factory"  # set at publish: ``module:callable`` rebuilding the torch model
 
 # Retrain / rebuild / train runs.
 GATE_RUN_TAG = "resque.gate_run_id"  # on retrain/rebuild runs: the gate run that triggered them
@@ -70,8 +88,8 @@ COST_METRICS = (
 )  # fmt: skip
 CENSORED_METRIC = "censored"  # 1.0 when the target was not reached within the cap
 FINAL_ACCURACY_METRIC = "final_accuracy"
+REFERENCE_ACCURACY_METRIC = "reference_accuracy"  # on a published version's run: accuracy on its reference data
 
 # Artifacts of a published model version's run.
 MODEL_ARTIFACT = "model"  # mlflow.onnx model folder (model.onnx inside)
-FINGERPRINT_ARTIFACT = "fingerprint"  # fingerprint.json + fingerprint.npz
 WEIGHTS_ARTIFACT = "torch"  # optional state_dict (.safetensors-free: a torch.save file loaded weights_only=True)
