@@ -140,7 +140,7 @@ def run_dist(cfg: Config, splits, source, reference, target: float) -> list[dict
     """One row per (shift type, severity, seed), plus ``none`` per seed: signals, fine-tune and rebuild costs."""
     from resque_airflow.core import companion_signals
     from resque_airflow.examples.digits import apply_shift, make_model
-    from resque_airflow.retrain import fine_tune
+    from resque_airflow.runtime.training import fine_tune
 
     settings = [("none", 0.0)] + [(s, v) for s, sev in cfg.severities.items() for v in sev]
     rows = []
@@ -175,7 +175,7 @@ def run_tasks(cfg: Config, splits, source, reference) -> list[dict]:
     """One row per (new task, seed): RESQUE_task variants, label-free signals, fine-tune (new head), rebuild costs."""
     from resque_airflow.core import companion_signals, resque_task
     from resque_airflow.examples.digits import embed, make_model, make_task, replace_head
-    from resque_airflow.retrain import fine_tune
+    from resque_airflow.runtime.training import fine_tune
 
     rows = []
     for name in cfg.tasks:
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("codecarbon").setLevel(logging.ERROR)
-    logging.getLogger("resque_airflow.retrain").setLevel(logging.WARNING)  # one summary line per run is enough
+    logging.getLogger("resque_airflow.runtime.training").setLevel(logging.WARNING)  # one summary line per run is enough
 
     import torch
 

@@ -11,7 +11,7 @@ import torch
 from resque_airflow.errors import ResqueInputError
 from resque_airflow.examples.digits import load_digits_splits, make_model
 from resque_airflow.registry.names import CENSORED_METRIC, COST_METRICS, FINAL_ACCURACY_METRIC
-from resque_airflow.retrain import RetrainCost, fine_tune, validate_country_iso_code
+from resque_airflow.runtime.training import RetrainCost, fine_tune, validate_country_iso_code
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,11 @@ def test_reaches_an_easy_target_and_reports_every_metric(tiny):
     assert set(metrics) == {*COST_METRICS, CENSORED_METRIC, FINAL_ACCURACY_METRIC}
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics[CENSORED_METRIC] == 0.0
+
+
+def test_metric_names_are_the_audit_trail_names(tiny):
+    # runtime/training.py names the metrics after RetrainCost's fields; registry/names.py spells them for readers.
+    assert tuple(run(tiny, max_epochs=0.25).to_metrics()) == (*COST_METRICS, CENSORED_METRIC, FINAL_ACCURACY_METRIC)
 
 
 def test_deterministic_given_the_seed(tiny):

@@ -35,7 +35,7 @@ from scipy import ndimage
 from torch import nn
 
 if TYPE_CHECKING:
-    from resque_airflow.retrain import RetrainCost
+    from resque_airflow.runtime.training import RetrainCost
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def train_model(
 ) -> tuple[nn.Module, RetrainCost]:
     """Initial clean training of ``model`` for exactly ``epochs`` epochs (in place).
 
-    The training cost is measured by :func:`resque_airflow.retrain.fine_tune` (with ``stop_at_target=False``):
+    The training cost is measured by :func:`resque_airflow.runtime.training.fine_tune` (with ``stop_at_target=False``):
     ``steps_to_target`` / ``epochs_to_target`` say when held-out accuracy first reached ``target_accuracy`` (the
     cost of building the model from scratch, which the registry records as the rebuild cost); wall time, energy and
     emissions cover the whole training.
@@ -223,7 +223,7 @@ def train_model(
         model: the model to train, e.g. ``make_model(seed=0)``.
         x, y: ``(N, 1, 8, 8)`` float32 training images and ``(N,)`` int64 labels.
         epochs: number of epochs to train.
-        lr: SGD learning rate (momentum 0.9, see :func:`resque_airflow.retrain.fine_tune`).
+        lr: SGD learning rate (momentum 0.9, see :func:`resque_airflow.runtime.training.fine_tune`).
         seed: seed of the data order.
         heldout_x, heldout_y: held-out data for the accuracy checks; the training data when not given.
         target_accuracy: the held-out accuracy whose first attainment is reported.
@@ -231,9 +231,9 @@ def train_model(
         measure_energy, country_iso_code: passed to ``fine_tune`` (codecarbon).
 
     Returns:
-        ``(model, cost)``: the trained model and its :class:`resque_airflow.retrain.RetrainCost`.
+        ``(model, cost)``: the trained model and its :class:`resque_airflow.runtime.training.RetrainCost`.
     """
-    from resque_airflow.retrain import fine_tune
+    from resque_airflow.runtime.training import fine_tune
 
     if heldout_x is None or heldout_y is None:
         heldout_x, heldout_y = x, y

@@ -94,8 +94,8 @@ def train_challenger(
     import torch
     from sklearn.model_selection import train_test_split
 
-    from resque_airflow.retrain import fine_tune
     from resque_airflow.runtime.export import export_torch
+    from resque_airflow.runtime.training import fine_tune
 
     client = make_client(tracking_uri, registry_uri)
     name, source_version = gate_result["model_name"], str(gate_result["model_version"])

@@ -6,7 +6,7 @@
 (codecarbon's ``OfflineEmissionsTracker``, no network). Fine-tuning versus rebuilding is the caller's choice: a
 rebuild is the same call on a freshly initialised model.
 
-torch and codecarbon are imported here; this module is imported only by retrain tasks and benchmarks.
+torch and codecarbon are imported here; this module is imported only by retrain tasks, the examples and benchmarks.
 """
 
 from __future__ import annotations
@@ -16,21 +16,27 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import nn
 
 from resque_airflow.errors import ResqueInputError
-from resque_airflow.registry.names import CENSORED_METRIC, COST_METRICS, FINAL_ACCURACY_METRIC
 
 log = logging.getLogger(__name__)
+
+# The MLflow metrics of a cost are named after its fields: those marked _COST, then censored and final_accuracy.
+# registry/names.py spells the same names for the audit trail's readers (COST_METRICS, CENSORED_METRIC,
+# FINAL_ACCURACY_METRIC); runtime does not import registry (the layers point one way, docs/ARCHITECTURE.md), so
+# tests/test_retrain.py checks that the two agree.
+_COST = {"cost_metric": True}
 
 
 @dataclass(frozen=True)
 class RetrainCost:
-    """What one training run cost. Metric names match :data:`resque_airflow.registry.names.COST_METRICS`.
+    """What one training run cost. Metric names match :data:`resque_airflow.registry.names.COST_METRICS`
+    (the fields marked as cost metrics, in their order).
 
     Attributes:
         steps_to_target: optimizer steps until the first accuracy check at or above the target (0 when the model
@@ -53,15 +59,15 @@ class RetrainCost:
             the target).
     """
 
-    steps_to_target: int
-    epochs_to_target: float
+    steps_to_target: int = field(metadata=_COST)
+    epochs_to_target: float = field(metadata=_COST)
     censored: bool
-    grad_norm_first: float
-    grad_norm_mean: float
-    param_change: float
-    wall_s: float
-    energy_kwh: float
-    emissions_kg: float
+    grad_norm_first: float = field(metadata=_COST)
+    grad_norm_mean: float = field(metadata=_COST)
+    param_change: float = field(metadata=_COST)
+    wall_s: float = field(metadata=_COST)
+    energy_kwh: float = field(metadata=_COST)
+    emissions_kg: float = field(metadata=_COST)
     final_accuracy: float
     initial_accuracy: float
     target_accuracy: float
@@ -69,11 +75,10 @@ class RetrainCost:
     epochs_run: float
 
     def to_metrics(self) -> dict[str, float]:
-        """MLflow metrics: every name of ``COST_METRICS`` plus ``censored`` (0/1) and ``final_accuracy``."""
-        d = asdict(self)
-        out = {name: float(d[name]) for name in COST_METRICS}
-        out[CENSORED_METRIC] = float(self.censored)
-        out[FINAL_ACCURACY_METRIC] = float(self.final_accuracy)
+        """MLflow metrics, as floats: every cost metric (``COST_METRICS``), ``censored`` (0/1), ``final_accuracy``."""
+        out = {f.name: float(getattr(self, f.name)) for f in fields(self) if f.metadata.get("cost_metric")}
+        out["censored"] = float(self.censored)
+        out["final_accuracy"] = float(self.final_accuracy)
         return out
 
 
@@ -190,6 +195,142 @@ def _check_points(steps_per_epoch: int, eval_every_fraction: float) -> list[tupl
     return sorted(points.items())
 
 
+def _check_arguments(eval_every_fraction: float, max_epochs: float, batch_size: int, lr: float) -> None:
+    if not 0 < eval_every_fraction <= 1:
+        raise ResqueInputError(f"eval_every_fraction: expected a value in (0, 1], got {eval_every_fraction}")
+    if max_epochs <= 0 or batch_size < 1 or lr <= 0:
+        raise ResqueInputError(
+            f"max_epochs, batch_size, lr: expected positive values, got {max_epochs}, {batch_size}, {lr}"
+        )
+
+
+@dataclass
+class _Run:
+    """What the training loop works on: the model, its data on the model's device, the optimiser and the plan."""
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    loss_fn: nn.Module
+    xt: torch.Tensor  # (N, ...) training inputs
+    yt: torch.Tensor  # (N,) int64 training labels
+    xh: torch.Tensor  # (M, ...) held-out inputs
+    yh: torch.Tensor  # (M,) int64 held-out labels
+    batch_size: int
+    steps_per_epoch: int
+    checks: list[tuple[int, float]]  # from _check_points
+    gen: torch.Generator  # data order
+    target_accuracy: float
+    max_epochs: float
+    stop_at_target: bool
+
+
+@dataclass
+class _Progress:
+    """The loop's state: steps and epochs run, when the target was first reached, accuracy, gradient norms."""
+
+    steps: int = 0
+    epochs_run: float = 0.0
+    hit_steps: int | None = None  # steps when the target was first reached, None while it is not
+    hit_epochs: float | None = None
+    initial_accuracy: float = math.nan
+    accuracy: float = math.nan  # at the last check
+    grad_norms: list[float] = field(default_factory=list)  # one per step, all epochs
+    first_epoch_norms: list[float] = field(default_factory=list)
+
+    def record_accuracy(self, accuracy: float, target: float) -> None:
+        self.accuracy = accuracy
+        if self.hit_steps is None and accuracy >= target:
+            self.hit_steps, self.hit_epochs = self.steps, self.epochs_run
+
+    def stopped_at_target(self, run: _Run) -> bool:
+        return run.stop_at_target and self.hit_steps is not None
+
+
+def _prepare(
+    model: nn.Module,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    *,
+    lr: float,
+    batch_size: int,
+    eval_every_fraction: float,
+    seed: int,
+    momentum: float,
+    weight_decay: float,
+    target_accuracy: float,
+    max_epochs: float,
+    stop_at_target: bool,
+) -> _Run:
+    """Check the model and data, move the data to the model's device, and build the optimiser and the plan."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ResqueInputError("model: has no trainable parameters")
+    device = params[0].device
+    xt, yt = _as_tensors(data[0], data[1], device, "train data")
+    xh, yh = _as_tensors(data[2], data[3], device, "held-out data")
+    steps_per_epoch = math.ceil(xt.shape[0] / batch_size)
+    return _Run(
+        model=model, params=params,
+        opt=torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+        loss_fn=nn.CrossEntropyLoss(), xt=xt, yt=yt, xh=xh, yh=yh, batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch, checks=_check_points(steps_per_epoch, eval_every_fraction),
+        gen=torch.Generator().manual_seed(int(seed)), target_accuracy=target_accuracy, max_epochs=max_epochs,
+        stop_at_target=stop_at_target,
+    )  # fmt: skip
+
+
+def _step(run: _Run, idx: torch.Tensor) -> float:
+    """One SGD step on the rows ``idx``; returns the global gradient norm before the update."""
+    run.opt.zero_grad(set_to_none=True)
+    run.loss_fn(run.model(run.xt[idx]), run.yt[idx]).backward()
+    g = _global_grad_norm(run.params)
+    run.opt.step()
+    return g
+
+
+def _train_epoch(run: _Run, state: _Progress, epoch: int) -> None:
+    """One epoch in a seeded random order, checking held-out accuracy at the check points.
+
+    Ends early at the first check that reaches the target (when stopping there) or reaches ``max_epochs``.
+    """
+    run.model.train()
+    order = torch.randperm(run.xt.shape[0], generator=run.gen).to(run.xt.device)
+    check_iter = iter(run.checks)
+    next_check = next(check_iter)
+    for b in range(run.steps_per_epoch):
+        g = _step(run, order[b * run.batch_size : (b + 1) * run.batch_size])
+        state.grad_norms.append(g)
+        if epoch == 0:
+            state.first_epoch_norms.append(g)
+        state.steps += 1
+        if b + 1 == next_check[0]:
+            state.epochs_run = epoch + next_check[1]
+            state.record_accuracy(accuracy(run.model, run.xh, run.yh), run.target_accuracy)
+            if state.stopped_at_target(run) or state.epochs_run >= run.max_epochs - 1e-9:
+                return
+            next_check = next(check_iter, (0, 0.0))
+
+
+def _train(run: _Run) -> _Progress:
+    """Check accuracy at the start, then train epoch by epoch until the target (when stopping there) or the cap."""
+    state = _Progress()
+    state.initial_accuracy = accuracy(run.model, run.xh, run.yh)
+    state.record_accuracy(state.initial_accuracy, run.target_accuracy)  # met before training: 0 steps, 0 epochs
+    epoch = 0
+    while not state.stopped_at_target(run) and epoch < run.max_epochs:
+        _train_epoch(run, state, epoch)
+        epoch += 1
+    return state
+
+
+def _param_change(params: list[nn.Parameter], start: list[torch.Tensor]) -> float:
+    """Mean over parameter tensors of ``||theta - theta_start||_2 / sqrt(numel)``."""
+    with torch.no_grad():
+        return float(
+            np.mean([float((p - s).norm(2)) / math.sqrt(p.numel()) for p, s in zip(params, start, strict=True)])
+        )
+
+
 def fine_tune(
     model: nn.Module,
     train_x: np.ndarray,
@@ -239,96 +380,46 @@ def fine_tune(
         ResqueInputError: on malformed data, parameters out of range, or a country code codecarbon does not know.
     """
     country = validate_country_iso_code(country_iso_code)
-    if not 0 < eval_every_fraction <= 1:
-        raise ResqueInputError(f"eval_every_fraction: expected a value in (0, 1], got {eval_every_fraction}")
-    if max_epochs <= 0 or batch_size < 1 or lr <= 0:
-        raise ResqueInputError(
-            f"max_epochs, batch_size, lr: expected positive values, got {max_epochs}, {batch_size}, {lr}"
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ResqueInputError("model: has no trainable parameters")
-    device = params[0].device
-    xt, yt = _as_tensors(train_x, train_y, device, "train data")
-    xh, yh = _as_tensors(heldout_x, heldout_y, device, "held-out data")
-
-    n = xt.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    checks = _check_points(steps_per_epoch, eval_every_fraction)
-    gen = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
-    start = [p.detach().clone() for p in params]
-
-    grad_norms: list[float] = []
-    first_epoch_norms: list[float] = []
-    hit_steps: int | None = None
-    hit_epochs: float | None = None
-    steps = 0
-    epochs_run = 0.0
+    _check_arguments(eval_every_fraction, max_epochs, batch_size, lr)
+    run = _prepare(
+        model, (train_x, train_y, heldout_x, heldout_y), lr=lr, batch_size=batch_size,
+        eval_every_fraction=eval_every_fraction, seed=seed, momentum=momentum, weight_decay=weight_decay,
+        target_accuracy=target_accuracy, max_epochs=max_epochs, stop_at_target=stop_at_target,
+    )  # fmt: skip
+    start = [p.detach().clone() for p in run.params]
     was_training = model.training
     with _EnergyMeter(country, measure_energy) as meter:
         t0 = time.perf_counter()
-        initial = acc = accuracy(model, xh, yh)
-        if acc >= target_accuracy:
-            hit_steps, hit_epochs = 0, 0.0
-        epoch = 0
-        while not (stop_at_target and hit_steps is not None) and epoch < max_epochs:
-            model.train()
-            order = torch.randperm(n, generator=gen).to(device)
-            check_iter = iter(checks)
-            next_check = next(check_iter)
-            for b in range(steps_per_epoch):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xt[idx]), yt[idx])
-                loss.backward()
-                g = _global_grad_norm(params)
-                grad_norms.append(g)
-                if epoch == 0:
-                    first_epoch_norms.append(g)
-                opt.step()
-                steps += 1
-                if b + 1 == next_check[0]:
-                    epochs_run = epoch + next_check[1]
-                    acc = accuracy(model, xh, yh)
-                    if hit_steps is None and acc >= target_accuracy:
-                        hit_steps, hit_epochs = steps, epochs_run
-                    if (stop_at_target and hit_steps is not None) or epochs_run >= max_epochs - 1e-9:
-                        break
-                    next_check = next(check_iter, (0, 0.0))
-            epoch += 1
+        state = _train(run)
         wall = time.perf_counter() - t0
     model.train(was_training)
 
-    if not grad_norms:
+    if not state.grad_norms:
         # No step was needed: report the gradient the first epoch would have started from (weights untouched).
-        grad_norms = first_epoch_norms = _probe_grad_norms(model, params, loss_fn, xt, yt, batch_size, seed)
-    with torch.no_grad():
-        change = float(
-            np.mean([float((p - s).norm(2)) / math.sqrt(p.numel()) for p, s in zip(params, start, strict=True)])
+        state.grad_norms = state.first_epoch_norms = _probe_grad_norms(
+            model, run.params, run.loss_fn, run.xt, run.yt, batch_size, seed
         )
-    censored = hit_steps is None
+    censored = state.hit_steps is None
     cost = RetrainCost(
-        steps_to_target=steps if censored else int(hit_steps),
-        epochs_to_target=float(epochs_run if censored else hit_epochs),
+        steps_to_target=state.steps if censored else int(state.hit_steps),
+        epochs_to_target=float(state.epochs_run if censored else state.hit_epochs),
         censored=censored,
-        grad_norm_first=float(np.mean(first_epoch_norms)),
-        grad_norm_mean=float(np.mean(grad_norms)),
-        param_change=change,
+        grad_norm_first=float(np.mean(state.first_epoch_norms)),
+        grad_norm_mean=float(np.mean(state.grad_norms)),
+        param_change=_param_change(run.params, start),
         wall_s=float(wall),
         energy_kwh=meter.energy_kwh,
         emissions_kg=meter.emissions_kg,
-        final_accuracy=float(acc),
-        initial_accuracy=float(initial),
+        final_accuracy=float(state.accuracy),
+        initial_accuracy=float(state.initial_accuracy),
         target_accuracy=float(target_accuracy),
-        steps_run=int(steps),
-        epochs_run=float(epochs_run),
+        steps_run=int(state.steps),
+        epochs_run=float(state.epochs_run),
     )
     log.info(
         "fine_tune: target %.4f %s after %d steps (%.2f epochs); accuracy %.4f -> %.4f; %.2f s",
         target_accuracy, "NOT reached" if censored else "reached", cost.steps_to_target, cost.epochs_to_target,
-        initial, acc, wall,
+        state.initial_accuracy, state.accuracy, wall,
     )  # fmt: skip
     return cost
 
