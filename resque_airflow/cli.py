@@ -195,7 +195,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from resque_airflow.ui.history import audit_main
+    from resque_airflow.registry.audit_report import audit_main
 
     return audit_main(args.model, args.tracking_uri, args.json, registry_uri=args.registry_uri)
 

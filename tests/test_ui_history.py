@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from resque_airflow.registry import names
-from resque_airflow.ui import history
+from resque_airflow.registry import audit, audit_report, names
 
 MODEL = "resnet-cifar"
 OTHER_MODEL = "intent-bert"
@@ -196,13 +195,13 @@ def client(registry: dict[str, Any]):
 
 
 def test_models_with_gates(client) -> None:
-    assert history.models_with_gates(client) == sorted([MODEL, OTHER_MODEL])
-    assert history.models_with_gates(client, experiment_names=None) == sorted([MODEL, OTHER_MODEL])
-    assert history.models_with_gates(client, experiment_names=("no-such-experiment",)) == []
+    assert audit.models_with_gates(client) == sorted([MODEL, OTHER_MODEL])
+    assert audit.models_with_gates(client, experiment_names=None) == sorted([MODEL, OTHER_MODEL])
+    assert audit.models_with_gates(client, experiment_names=("no-such-experiment",)) == []
 
 
 def test_gate_history_records(client, registry: dict[str, Any]) -> None:
-    records = history.gate_history(client, MODEL, mlflow_ui_base="http://mlflow.example:5000/")
+    records = audit.gate_history(client, MODEL, mlflow_ui_base="http://mlflow.example:5000/")
     assert [r.run_id for r in records] == registry["gate_ids"]  # oldest first, stray run left out
     assert [r.score for r in records] == [g["score"] for g in GATES]
     assert [r.decision for r in records] == [g["decision"] for g in GATES]
@@ -250,50 +249,50 @@ def test_gate_history_records(client, registry: dict[str, Any]) -> None:
         "measured": 14.0,
     }
     assert rows["energy_kwh"]["predicted"] is None and rows["energy_kwh"]["measured"] == 0.042
-    assert history.cost_cell(retrained) == "epochs_to_target 12 [8-16] / 14"
+    assert audit_report.cost_cell(retrained) == "epochs_to_target 12 [8-16] / 14"
     assert all(not r.measured for i, r in enumerate(records) if i != 1)
-    assert history.cost_cell(records[0]) == "-"
+    assert audit_report.cost_cell(records[0]) == "-"
 
 
 def test_gate_history_limits_and_unknowns(client, registry: dict[str, Any]) -> None:
-    last_two = history.gate_history(client, MODEL, max_runs=2)
+    last_two = audit.gate_history(client, MODEL, max_runs=2)
     assert [r.run_id for r in last_two] == registry["gate_ids"][-2:]
-    assert history.gate_history(client, "no-such-model") == []
-    assert history.gate_history(client, MODEL, experiment_names=("no-such-experiment",)) == []
+    assert audit.gate_history(client, "no-such-model") == []
+    assert audit.gate_history(client, MODEL, experiment_names=("no-such-experiment",)) == []
     # Without a UI base and with an sqlite tracking URI there is no link to make.
-    assert history.gate_history(client, OTHER_MODEL, mlflow_ui_base="")[0].mlflow_url is None
+    assert audit.gate_history(client, OTHER_MODEL, mlflow_ui_base="")[0].mlflow_url is None
 
 
 def test_gate_detail(client, registry: dict[str, Any]) -> None:
     rid = registry["gate_ids"][1]
-    detail = history.gate_detail(client, rid)
+    detail = audit.gate_detail(client, rid)
     assert detail.run_id == rid and detail.score == GATES[1]["score"]
     assert [c["class"] for c in detail.per_class] == [str(k) for k in range(N_CLASSES)]
     assert [c["angle"] for c in detail.per_class] == list(per_class_angles(1).values())
     assert detail.classes_missing == []
     assert detail.measured[0].metrics["epochs_to_target"] == 14.0
     # Without the artifact, the angles come from the angle_class_<k> metrics; without either, the reason is given.
-    from_metrics = history.gate_detail(client, registry["gate_ids"][2])
+    from_metrics = audit.gate_detail(client, registry["gate_ids"][2])
     assert [c["angle"] for c in from_metrics.per_class] == list(per_class_angles(2).values())
-    failed = history.gate_detail(client, registry["gate_ids"][3])
+    failed = audit.gate_detail(client, registry["gate_ids"][3])
     assert failed.per_class is None and "gate_result.json" in failed.detail_error
     assert failed.error == "ResqueInputError: data_uri: no such file"
     with pytest.raises(LookupError):
-        history.gate_detail(client, registry["retrain_id"])  # not a gate run
+        audit.gate_detail(client, registry["retrain_id"])  # not a gate run
     with pytest.raises(LookupError):
-        history.gate_detail(client, "0" * 32)
+        audit.gate_detail(client, "0" * 32)
 
 
 def test_to_json_and_table(client) -> None:
-    records = history.gate_history(client, MODEL)
-    data = json.loads(history.to_json(records))
+    records = audit.gate_history(client, MODEL)
+    data = json.loads(audit_report.to_json(records))
     assert [d["run_id"] for d in data] == [r.run_id for r in records]
     assert data[1]["measured"][0]["metrics"]["wall_s"] == 351.5
     assert data[1]["cost_comparison"][0]["metric"] == "epochs_to_target"
     assert data[0]["signals"]["confidence_drop"] is None
     assert data[0]["thresholds"] == {"reuse": 0.02, "rebuild": 0.2}
 
-    text = history.format_table(records, width=250)
+    text = audit_report.format_table(records, width=250)
     assert f"RESQUE gate runs of {MODEL}" in text
     for r in records:
         assert r.run_id in text
@@ -303,19 +302,19 @@ def test_to_json_and_table(client) -> None:
 
 
 def test_audit_main_exit_codes(registry: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert history.audit_main(MODEL, registry["uri"], as_json=False) == 0
+    assert audit_report.audit_main(MODEL, registry["uri"], as_json=False) == 0
     out = capsys.readouterr().out
     assert registry["gate_ids"][0] in out and "rebuild" in out
 
-    assert history.audit_main(MODEL, registry["uri"], as_json=True, registry_uri=registry["uri"]) == 0
+    assert audit_report.audit_main(MODEL, registry["uri"], as_json=True, registry_uri=registry["uri"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == len(GATES)
 
-    assert history.audit_main("no-such-model", registry["uri"], as_json=False) == 2
+    assert audit_report.audit_main("no-such-model", registry["uri"], as_json=False) == 2
     err = capsys.readouterr().err.strip()
     assert "no gate runs" in err and "\n" not in err
 
     missing = tmp_path / "missing.db"
-    assert history.audit_main(MODEL, f"sqlite:///{missing}", as_json=False) == 2
+    assert audit_report.audit_main(MODEL, f"sqlite:///{missing}", as_json=False) == 2
     assert "no MLflow database" in capsys.readouterr().err
     assert not missing.exists()  # reading never creates a registry
 
@@ -323,32 +322,18 @@ def test_audit_main_exit_codes(registry: dict[str, Any], tmp_path: Path, capsys:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     t = time.monotonic()
-    assert history.audit_main(MODEL, f"http://127.0.0.1:{port}", as_json=False) == 2
+    assert audit_report.audit_main(MODEL, f"http://127.0.0.1:{port}", as_json=False) == 2
     assert time.monotonic() - t < 10
     err = capsys.readouterr().err.strip()
     assert "unreachable" in err and "\n" not in err
-
-
-def test_normalise_per_class_forms() -> None:
-    as_list = [{"class": 1, "angle": 0.2, "n_new": 5}, {"class": 0, "angle": 0.1}]
-    assert history._normalise_per_class(as_list) == [
-        {"class": "0", "angle": 0.1},
-        {"class": "1", "angle": 0.2, "n_new": 5},
-    ]
-    nested = {"cat": {"angle": 0.3, "n_ref": 7}, "dog": {"value": float("nan")}}
-    assert history._normalise_per_class(nested) == [
-        {"class": "cat", "angle": 0.3, "n_ref": 7},
-        {"class": "dog", "angle": None},
-    ]
-    assert history._find({"dist": {"per_class": {"0": 0.5}}}, "per_class") == {"0": 0.5}
 
 
 def test_reads_what_the_gate_writes(tmp_path: Path, cnn_onnx, write_npz) -> None:
     """Contract with the writer: a gate run made by ``registry.gate.run_gate`` reads back complete."""
     from conftest import make_images
 
-    from resque_airflow.core import Decision
-    from resque_airflow.registry.gate import AirflowInfo, GateRequest, run_gate
+    from resque_airflow.registry.client import make_client
+    from resque_airflow.registry.gate import GateRequest, Origin, run_gate
     from resque_airflow.registry.publish import publish_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -357,15 +342,15 @@ def test_reads_what_the_gate_writes(tmp_path: Path, cnn_onnx, write_npz) -> None
     xs, ys = make_images(150, seed=2, shift=0.8)
     outcome = run_gate(
         GateRequest("models:/cnn@champion", str(write_npz("new.npz", xs, ys))),
-        tracking_uri=uri,
-        airflow=AirflowInfo(dag_id="d", run_id="r", task_id="gate", try_number=1, map_index=-1),
-        branch_for=lambda d: [{Decision.REUSE: "reuse", Decision.RETRAIN: "retrain"}.get(d, "rebuild")],
+        client=make_client(uri),
+        origin=Origin(dag_id="d", run_id="r", task_id="gate", try_number=1, map_index=-1),
+        routes={"reuse": ["reuse"], "retrain": ["retrain"], "rebuild": ["rebuild"]},
     )
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    assert history.models_with_gates(client) == ["cnn"]
-    (record,) = history.gate_history(client, "cnn")
+    assert audit.models_with_gates(client) == ["cnn"]
+    (record,) = audit.gate_history(client, "cnn")
     assert record.run_id == outcome.gate_run_id
     assert record.score == pytest.approx(outcome.score)
     assert record.decision == outcome.decision and record.branch == outcome.branch[0]
@@ -373,5 +358,5 @@ def test_reads_what_the_gate_writes(tmp_path: Path, cnn_onnx, write_npz) -> None
     assert record.n_samples == 150 and record.provider == outcome.provider
     assert record.thresholds == {"reuse": outcome.thresholds["reuse"], "rebuild": outcome.thresholds["rebuild"]}
     assert record.airflow["dag_id"] == "d" and "mmd" in record.signals
-    detail = history.gate_detail(client, record.run_id)
+    detail = audit.gate_detail(client, record.run_id)
     assert {c["class"]: c["angle"] for c in detail.per_class} == pytest.approx(outcome.per_class)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 try:  # the Task SDK's class, as providers use it (common.compat does the same); core's before Airflow 3.2
@@ -35,6 +36,7 @@ except ImportError:  # pragma: no cover
     from airflow.plugins_manager import AirflowPlugin
 
 if TYPE_CHECKING:
+    import mlflow
     from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,20 @@ EXTERNAL_VIEW: dict[str, Any] = {
 
 _app: FastAPI | None = None
 _app_lock = threading.Lock()
+
+
+def hook_client_factory(mlflow_conn_id: str = "mlflow_default") -> Callable[[], mlflow.MlflowClient]:
+    """A client factory reading the Airflow connection ``mlflow_conn_id`` through ``MlflowHook``.
+
+    The hook (and MLflow with it) is imported when the factory is called, on the app's first request.
+    """
+
+    def factory() -> mlflow.MlflowClient:
+        from resque_airflow.hooks.mlflow import MlflowHook
+
+        return MlflowHook(mlflow_conn_id=mlflow_conn_id).get_client()
+
+    return factory
 
 
 def _setting(key: str, fallback: str | None = None) -> str | None:
@@ -86,7 +102,7 @@ def build_app() -> FastAPI:
         else tuple(e.strip() for e in experiments_setting.split(",") if e.strip())
     )
     return create_app(
-        mlflow_conn_id=_setting("mlflow_conn_id", "mlflow_default") or "mlflow_default",
+        hook_client_factory(_setting("mlflow_conn_id", "mlflow_default") or "mlflow_default"),
         mlflow_ui_base=_setting("mlflow_ui_url"),
         experiment_names=experiments,
         dependencies=dependencies,

@@ -1,37 +1,36 @@
 """Read the RESQUE audit trail back from MLflow: gate runs, their per-class angles and the retraining they triggered.
 
-Everything here only reads MLflow; nothing is ever written. The names come from
-:mod:`resque_airflow.registry.names` (DESIGN.md section 5):
+Everything here only reads MLflow; nothing is ever written. It reads what :mod:`resque_airflow.registry.gate` writes,
+under the names of :mod:`resque_airflow.registry.names` (DESIGN.md section 5):
 
-- gate runs are runs tagged ``resque.kind=gate`` (experiment ``resque-gate`` by default), with the model name in the
-  tag ``resque.model_name`` (or the param ``model_name``), the score in the metric ``resque_score``, the decision,
-  branch and status in tags, the thresholds and run facts in params, companion signals and ``predicted_<cost>``
-  metrics, and the full result (per-class angles included) in the artifact ``resque/gate_result.json``;
+- gate runs are runs tagged ``resque.kind=gate`` (experiment ``resque-gate`` by default), with the model name and
+  version in the tags ``resque.model_name`` / ``resque.model_version``, the score in the metric ``resque_score``, the
+  decision, branch (a JSON list of task ids) and status in tags, the thresholds and run facts in params, companion
+  signals and ``predicted_<cost>`` metrics, the per-class angles in the metrics ``angle_class_<k>`` and, with the full
+  result, in the artifact ``resque/gate_result.json`` (``per_class``: ``{class id: angle}``);
 - retrain / rebuild runs, in any experiment, carry the tag ``resque.gate_run_id`` naming the gate run that
   triggered them, and their measured cost in the metrics ``names.COST_METRICS``.
 
-Public functions: :func:`gate_history`, :func:`gate_detail`, :func:`models_with_gates`, :func:`to_json`,
-:func:`format_table` and :func:`audit_main` (the ``resque audit`` command).
+Public functions: :func:`gate_history`, :func:`gate_detail`, :func:`models_with_gates`, :func:`load_gate_result`,
+:func:`run_url` and :func:`resolve_ui_base`. The text forms (table, JSON, ``resque audit``) are in
+:mod:`resque_airflow.registry.audit_report`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
-import sys
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from resque_airflow.registry import names
+from resque_airflow.registry.client import iso_time, search_literal
 
 if TYPE_CHECKING:
     import mlflow
@@ -43,12 +42,8 @@ log = logging.getLogger(__name__)
 #: (an ``sqlite:`` URI, or ``http://mlflow:5000`` which only resolves inside a Docker network).
 MLFLOW_UI_URL_ENV = "RESQUE_MLFLOW_UI_URL"
 
-#: Tag the gate writes on a failed run with the reason (``resque_airflow.registry.gate``).
-ERROR_TAG = getattr(names, "ERROR_TAG", "resque.error")
-#: Per-class angles are also logged as metrics ``angle_class_<k>``: the fallback when the JSON artifact is missing.
-ANGLE_METRIC_PREFIX = "angle_class_"
-
 _PAGE = 1000  # MLflow's maximum page size for search_runs
+_AIRFLOW_KEYS = ("dag_id", "run_id", "task_id", "try_number")  # gate run params airflow_<key>
 _MAX_EXPERIMENTS = 10_000
 
 
@@ -72,7 +67,8 @@ class GateRecord:
     """One gate run as the audit trail shows it.
 
     ``per_class`` stays ``None`` in :func:`gate_history` (it lives in an artifact) and is filled by
-    :func:`gate_detail`: a list of ``{"class": str, "angle": float | None, ...}``, ``[]`` when the artifact has none.
+    :func:`gate_detail`: a list of ``{"class": str, "angle": float | None}`` in class order, ``[]`` when the run
+    recorded none.
     """
 
     run_id: str
@@ -164,20 +160,14 @@ def _int(value: Any) -> int | None:
     return int(f) if f is not None else None
 
 
-def _iso(ms: int | None) -> str | None:
-    """MLflow epoch milliseconds as an ISO 8601 UTC timestamp (seconds precision)."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc).isoformat(timespec="seconds")
+def _start_time(ms: int | None) -> str | None:
+    """A run's start time as ISO 8601 UTC to the second: the precision ``resque audit --json`` has always shown.
 
-
-def _quote(value: str) -> str | None:
-    """``value`` quoted for an MLflow filter string, or ``None`` when it holds both quote characters."""
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    return None
+    >>> _start_time(1767225600123)
+    '2026-01-01T00:00:00+00:00'
+    """
+    iso = iso_time(ms)
+    return None if iso is None else datetime.fromisoformat(iso).isoformat(timespec="seconds")
 
 
 def run_url(mlflow_ui_base: str | None, experiment_id: str, run_id: str) -> str | None:
@@ -216,16 +206,7 @@ def resolve_ui_base(mlflow_ui_base: str | None, tracking_uri: str | None) -> str
     return None
 
 
-def _client_tracking_uri(client: mlflow.MlflowClient) -> str | None:
-    try:
-        return str(client.tracking_uri)
-    except Exception:  # pragma: no cover - a stub client in tests
-        return None
-
-
-def _search_all(
-    client: mlflow.MlflowClient, experiment_ids: list[str], filter_string: str, max_runs: int
-) -> Iterator[Run]:
+def _search(client: mlflow.MlflowClient, experiment_ids: list[str], filter_string: str, max_runs: int) -> Iterator[Run]:
     """Runs matching ``filter_string``, newest first, at most ``max_runs``, paging through MLflow's results."""
     if not experiment_ids or max_runs <= 0:
         return
@@ -276,26 +257,26 @@ def _gate_experiment_ids(client: mlflow.MlflowClient, experiment_names: Sequence
 
 
 def _branch(tag: str | None) -> str | None:
-    """The branch tag for display: the gate writes a JSON list of task ids (``null`` without branching).
+    """The branch tag for display: the gate writes the task ids it followed as a JSON list (``null`` without).
 
-    >>> _branch('["retrain"]'), _branch("null"), _branch("reuse"), _branch('["a", "b"]')
-    ('retrain', None, 'reuse', 'a, b')
+    >>> _branch('["retrain"]'), _branch("null"), _branch('["a", "b"]'), _branch(None)
+    ('retrain', None, 'a, b', None)
     """
-    if tag is None:
-        return None
-    try:
-        value = json.loads(tag)
-    except ValueError:
-        return tag
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value) or None
-    return str(value)
+    task_ids = json.loads(tag) if tag else None
+    return ", ".join(task_ids) if task_ids else None
 
 
 def _model_of(run: Run) -> str | None:
-    return run.data.tags.get(names.MODEL_NAME_TAG) or run.data.params.get("model_name")
+    return run.data.tags.get(names.MODEL_NAME_TAG)
+
+
+def _per_class(angles: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-class angles ``{class id: angle}`` as ``[{"class": str, "angle": float | None}]``, in class order.
+
+    >>> _per_class({"10": 0.5, "2": 0.25})
+    [{'class': '2', 'angle': 0.25}, {'class': '10', 'angle': 0.5}]
+    """
+    return [{"class": k, "angle": _float(v)} for k, v in sorted(angles.items(), key=lambda kv: int(kv[0]))]
 
 
 def _record(run: Run, ui_base: str | None) -> GateRecord:
@@ -309,17 +290,14 @@ def _record(run: Run, ui_base: str | None) -> GateRecord:
         high = _float(metrics.get(f"{key}_high"))
         if value is not None or low is not None or high is not None:
             predicted[cost] = {"value": value, "low": low, "high": high}
-    airflow = {
-        key: params[f"airflow_{key}"]
-        for key in ("dag_id", "run_id", "task_id", "try_number")
-        if params.get(f"airflow_{key}") not in (None, "", "None")
-    }
+    # The gate writes all four Airflow params (AirflowInfo has no optional field), or none outside Airflow.
+    airflow = {key: params[f"airflow_{key}"] for key in _AIRFLOW_KEYS} if "airflow_dag_id" in params else {}
     return GateRecord(
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
-        start_time=_iso(run.info.start_time),
+        start_time=_start_time(run.info.start_time),
         model_name=_model_of(run),
-        model_version=tags.get(names.MODEL_VERSION_TAG) or params.get("model_version"),
+        model_version=tags.get(names.MODEL_VERSION_TAG),
         model_alias=params.get("model_alias"),
         score=_float(metrics.get(names.SCORE_METRIC)),
         mode=params.get("mode"),
@@ -337,7 +315,7 @@ def _record(run: Run, ui_base: str | None) -> GateRecord:
         status=tags.get(names.STATUS_TAG),
         run_status=run.info.status,
         data_uri=params.get("data_uri"),
-        error=tags.get(ERROR_TAG),
+        error=tags.get(names.ERROR_TAG),
         signals={m: _float(metrics[m]) for m in names.SIGNAL_METRICS if m in metrics},
         predicted_cost=predicted,
         airflow=airflow,
@@ -352,7 +330,7 @@ def _measured(run: Run, ui_base: str | None) -> MeasuredCost:
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
         kind=tags.get(names.KIND_TAG),
-        start_time=_iso(run.info.start_time),
+        start_time=_start_time(run.info.start_time),
         run_status=run.info.status,
         metrics={m: _float(metrics[m]) for m in names.COST_METRICS if m in metrics},
         censored=None if censored is None else censored >= 0.5,
@@ -369,14 +347,11 @@ def _triggered_runs(
     out: dict[str, list[MeasuredCost]] = {}
     if not wanted:
         return out
-    experiment_ids = _all_experiment_ids(client)
-    if len(wanted) == 1:
-        (only,) = wanted
-        quoted = _quote(only)
-        flt = f"tags.`{names.GATE_RUN_TAG}` = {quoted}" if quoted else f"tags.`{names.GATE_RUN_TAG}` LIKE '%'"
-    else:
+    if len(wanted) == 1:  # run ids are hex: always a valid literal
+        flt = f"tags.`{names.GATE_RUN_TAG}` = {search_literal(next(iter(wanted)))}"
+    else:  # MLflow's filter has no IN for tags: fetch every triggered run, keep ours
         flt = f"tags.`{names.GATE_RUN_TAG}` LIKE '%'"
-    for run in _search_all(client, experiment_ids, flt, max_runs):
+    for run in _search(client, _all_experiment_ids(client), flt, max_runs):
         gate_id = run.data.tags.get(names.GATE_RUN_TAG)
         if gate_id in wanted:
             out.setdefault(gate_id, []).append(_measured(run, ui_base))
@@ -387,6 +362,8 @@ def _triggered_runs(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
+
+_IS_GATE = f"tags.`{names.KIND_TAG}` = '{names.KIND_GATE}'"
 
 
 def models_with_gates(
@@ -400,8 +377,7 @@ def models_with_gates(
     ``experiment_names=None`` searches every experiment.
     """
     exp_ids = _gate_experiment_ids(client, experiment_names)
-    flt = f"tags.`{names.KIND_TAG}` = '{names.KIND_GATE}'"
-    found = {_model_of(run) for run in _search_all(client, exp_ids, flt, max_runs)}
+    found = {_model_of(run) for run in _search(client, exp_ids, _IS_GATE, max_runs)}
     return sorted(n for n in found if n)
 
 
@@ -420,70 +396,20 @@ def gate_history(
 
     Raises whatever MLflow raises when the tracking server cannot be reached.
     """
-    ui_base = resolve_ui_base(mlflow_ui_base, _client_tracking_uri(client))
+    ui_base = resolve_ui_base(mlflow_ui_base, client.tracking_uri)
     exp_ids = _gate_experiment_ids(client, experiment_names)
-    kind = f"tags.`{names.KIND_TAG}` = '{names.KIND_GATE}'"
-    quoted = _quote(model_name)
-    runs: dict[str, Run] = {}
-    if quoted is None:  # a name MLflow's filter syntax cannot express: filter here
-        for run in _search_all(client, exp_ids, kind, max_runs * 10):
-            if _model_of(run) == model_name:
-                runs[run.info.run_id] = run
+    literal = search_literal(model_name)
+    if literal is None:  # a name MLflow's filter syntax cannot express: filter here
+        found = [r for r in _search(client, exp_ids, _IS_GATE, max_runs * 10) if _model_of(r) == model_name]
     else:
-        # Gate runs carry the model name as a tag and as a param; older writers may set only one of them.
-        for flt in (f"{kind} and tags.`{names.MODEL_NAME_TAG}` = {quoted}", f"{kind} and params.model_name = {quoted}"):
-            for run in _search_all(client, exp_ids, flt, max_runs):
-                runs.setdefault(run.info.run_id, run)
-    ordered = sorted(runs.values(), key=lambda r: (r.info.start_time or 0, r.info.run_id))[-max_runs:]
+        found = list(_search(client, exp_ids, f"{_IS_GATE} and tags.`{names.MODEL_NAME_TAG}` = {literal}", max_runs))
+    ordered = sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))[-max_runs:]
     records = [_record(run, ui_base) for run in ordered]
     measured = _triggered_runs(client, (r.run_id for r in records), ui_base, max_runs=max_runs * 4)
     for rec in records:
         rec.measured = measured.get(rec.run_id, [])
     log.debug("resque audit: %d gate run(s) for model %r", len(records), model_name)
     return records
-
-
-def _normalise_per_class(raw: Any) -> list[dict[str, Any]]:
-    """Per-class angles as ``[{"class": str, "angle": float | None, ...}]``, sorted by class.
-
-    Accepts ``{"3": 0.12}``, ``{"3": {"angle": 0.12, ...}}`` and ``[{"class": 3, "angle": 0.12, ...}]``.
-
-    >>> _normalise_per_class({"10": 0.5, "2": 0.25})
-    [{'class': '2', 'angle': 0.25}, {'class': '10', 'angle': 0.5}]
-    """
-    items: list[dict[str, Any]] = []
-    if isinstance(raw, dict):
-        for key, value in raw.items():
-            if isinstance(value, dict):
-                extra = {k: v for k, v in value.items() if k not in ("class", "angle", "value")}
-                angle = value.get("angle", value.get("value"))
-                items.append({"class": str(key), "angle": _float(angle), **extra})
-            else:
-                items.append({"class": str(key), "angle": _float(value)})
-    elif isinstance(raw, list):
-        for entry in raw:
-            if isinstance(entry, dict):
-                label = entry.get("class", entry.get("label", entry.get("k")))
-                extra = {k: v for k, v in entry.items() if k not in ("class", "label", "k", "angle", "value")}
-                items.append({"class": str(label), "angle": _float(entry.get("angle", entry.get("value"))), **extra})
-
-    def order(item: dict[str, Any]) -> tuple[int, float, str]:
-        try:
-            return (0, float(item["class"]), "")
-        except ValueError:
-            return (1, 0.0, item["class"])
-
-    return sorted(items, key=order)
-
-
-def _find(result: dict[str, Any], key: str) -> Any:
-    """``result[key]``, else the first ``value[key]`` of a nested dict (e.g. ``result["dist"]["per_class"]``)."""
-    if key in result:
-        return result[key]
-    for value in result.values():
-        if isinstance(value, dict) and key in value:
-            return value[key]
-    return None
 
 
 def load_gate_result(client: mlflow.MlflowClient, run_id: str) -> dict[str, Any]:
@@ -505,11 +431,11 @@ def gate_detail(client: mlflow.MlflowClient, run_id: str, *, mlflow_ui_base: str
     """
     from mlflow.exceptions import MlflowException
 
-    ui_base = resolve_ui_base(mlflow_ui_base, _client_tracking_uri(client))
+    ui_base = resolve_ui_base(mlflow_ui_base, client.tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise LookupError(f"no MLflow run {run_id!r}") from exc
         raise
     if run.data.tags.get(names.KIND_TAG) != names.KIND_GATE:
@@ -519,152 +445,21 @@ def gate_detail(client: mlflow.MlflowClient, run_id: str, *, mlflow_ui_base: str
     try:
         result = load_gate_result(client, run_id)
     except Exception as exc:  # missing or unreadable artifact: the run is still worth showing
-        angles = {
-            k[len(ANGLE_METRIC_PREFIX) :]: v for k, v in run.data.metrics.items() if k.startswith(ANGLE_METRIC_PREFIX)
-        }
-        if angles:  # the same angles, logged as metrics
+        prefix = names.ANGLE_METRIC_PREFIX
+        angles = {k.removeprefix(prefix): v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        if angles:  # the gate logs the same angles as metrics
             log.info(
                 "resque audit: %s of run %s unreadable (%s); angles from metrics",
                 names.GATE_RESULT_ARTIFACT,
                 run_id,
                 exc,
             )
-            record.per_class = _normalise_per_class(angles)
+            record.per_class = _per_class(angles)
             return record
         log.warning("resque audit: cannot read %s of run %s: %s", names.GATE_RESULT_ARTIFACT, run_id, exc)
         record.detail_error = f"{names.GATE_RESULT_ARTIFACT} not available ({type(exc).__name__})"
         return record
-    record.per_class = _normalise_per_class(_find(result, "per_class") or {})
-    missing = _find(result, "classes_missing")
-    if isinstance(missing, list):
-        record.classes_missing = [str(c) for c in missing]
+    record.per_class = _per_class(result.get("per_class") or {})
+    if "classes_missing" in result:
+        record.classes_missing = [str(c) for c in result["classes_missing"]]
     return record
-
-
-def to_json(records: Iterable[GateRecord], *, indent: int | None = 2) -> str:
-    """The records as a JSON array (strict JSON: no NaN)."""
-    return json.dumps([r.to_dict() for r in records], indent=indent, allow_nan=False)
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    """``value`` with ``digits`` significant digits, ``-`` when missing.
-
-    >>> _fmt(0.031234), _fmt(12.0), _fmt(None)
-    ('0.03123', '12', '-')
-    """
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}"
-
-
-def cost_cell(record: GateRecord) -> str:
-    """Predicted vs measured cost in one short string, e.g. ``epochs_to_target 12 [8-16] / 14``; ``-`` if none."""
-    row = record.primary_cost()
-    if row is None:
-        return "-"
-    pred = _fmt(row["predicted"], 3)
-    if row["low"] is not None and row["high"] is not None:
-        pred += f" [{_fmt(row['low'], 3)}-{_fmt(row['high'], 3)}]"
-    return f"{row['metric']} {pred} / {_fmt(row['measured'], 3)}"
-
-
-def format_table(records: Sequence[GateRecord], *, width: int = 200, title: str | None = None) -> str:
-    """The records as a plain-text table (rich), oldest first, for the ``resque audit`` command."""
-    from rich.console import Console
-    from rich.table import Table
-
-    model = next((r.model_name for r in records if r.model_name), None)
-    table = Table(title=title or (f"RESQUE gate runs of {model}" if model else "RESQUE gate runs"))
-    for col, kw in (
-        ("time (UTC)", {"no_wrap": True}),
-        ("version", {}),
-        ("score", {"justify": "right"}),
-        ("decision", {}),
-        ("branch", {}),
-        ("status", {}),
-        ("mode", {}),
-        ("labels", {}),
-        ("provider", {}),
-        ("n", {"justify": "right"}),
-        ("cost: predicted / measured", {"no_wrap": True}),
-        ("run id", {"no_wrap": True}),
-    ):
-        table.add_column(col, **kw)
-    for r in records:
-        table.add_row(
-            (r.start_time or "-").replace("+00:00", "Z"),
-            r.model_version or "-",
-            _fmt(r.score),
-            r.decision or "-",
-            r.branch or "-",
-            r.status or "-",
-            r.mode or "-",
-            r.label_source or "-",
-            (r.provider or "-").replace("ExecutionProvider", ""),
-            "-" if r.n_samples is None else str(r.n_samples),
-            cost_cell(r),
-            r.run_id,
-        )
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False)
-    console.print(table)
-    return buf.getvalue()
-
-
-def check_reachable(tracking_uri: str, *, timeout: float = 5.0) -> str | None:
-    """Why ``tracking_uri`` cannot be read, or ``None`` when it looks reachable. Never creates anything.
-
-    ``sqlite:`` URIs must name an existing file (MLflow would otherwise create an empty database); ``http(s)`` URIs
-    must answer at all (any HTTP status counts: it proves a server is there) within ``timeout`` seconds.
-    """
-    parsed = urllib.parse.urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        path = tracking_uri[len("sqlite:///") :] if tracking_uri.startswith("sqlite:///") else parsed.path
-        path = path.split("?", 1)[0]
-        if not path or path == ":memory:" or not os.path.isfile(path):
-            return f"no MLflow database at {path or tracking_uri!r}"
-        return None
-    if parsed.scheme in ("http", "https"):
-        url = tracking_uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout):  # http(s) only: checked above
-                return None
-        except urllib.error.HTTPError:
-            return None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return f"MLflow tracking server {tracking_uri} is unreachable ({reason})"
-    if parsed.scheme in ("", "file"):
-        path = parsed.path or tracking_uri
-        if not os.path.exists(path):
-            return f"no MLflow store at {path!r}"
-    return None
-
-
-def audit_main(model: str, tracking_uri: str, as_json: bool, registry_uri: str | None = None) -> int:
-    """``resque audit``: print the gate history of ``model`` as a table (or JSON) and return the exit code.
-
-    Returns 0 on success; 2, with a one-line message on stderr, when the registry cannot be read or the model has
-    no gate runs.
-    """
-    problem = check_reachable(tracking_uri)
-    if problem is None and registry_uri and registry_uri != tracking_uri:
-        problem = check_reachable(registry_uri)
-    if problem:
-        print(f"resque audit: {problem}", file=sys.stderr)
-        return 2
-    try:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-        records = gate_history(client, model)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"resque audit: cannot read {tracking_uri}: {type(exc).__name__}: {first}"[:500], file=sys.stderr)
-        log.debug("resque audit failed", exc_info=True)
-        return 2
-    if not records:
-        print(f"resque audit: model {model!r} has no gate runs at {tracking_uri}", file=sys.stderr)
-        return 2
-    print(to_json(records) if as_json else format_table(records), end="" if not as_json else "\n")
-    return 0
