@@ -124,22 +124,9 @@ class GateRecord:
             got = measured.metrics.get(metric) if measured else None
             if pred.get("value") is None and got is None:
                 continue
-            rows.append(
-                {
-                    "metric": metric,
-                    "predicted": pred.get("value"),
-                    "low": pred.get("low"),
-                    "high": pred.get("high"),
-                    "measured": got,
-                }
-            )
+            row = {"metric": metric, "predicted": pred.get("value"), "low": pred.get("low"), "high": pred.get("high")}
+            rows.append(row | {"measured": got})
         return rows
-
-    def primary_cost(self) -> dict[str, Any] | None:
-        """The cost row to show in one table cell: the first with both sides, else the first row, else ``None``."""
-        rows = self.cost_comparison()
-        both = [r for r in rows if r["predicted"] is not None and r["measured"] is not None]
-        return (both or rows or [None])[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,12 +435,8 @@ def gate_detail(client: mlflow.MlflowClient, run_id: str, *, mlflow_ui_base: str
         prefix = names.ANGLE_METRIC_PREFIX
         angles = {k.removeprefix(prefix): v for k, v in run.data.metrics.items() if k.startswith(prefix)}
         if angles:  # the gate logs the same angles as metrics
-            log.info(
-                "resque audit: %s of run %s unreadable (%s); angles from metrics",
-                names.GATE_RESULT_ARTIFACT,
-                run_id,
-                exc,
-            )
+            log.info("resque audit: %s of run %s unreadable (%s); angles from metrics", names.GATE_RESULT_ARTIFACT,
+                     run_id, exc)  # fmt: skip
             record.per_class = _per_class(angles)
             return record
         log.warning("resque audit: cannot read %s of run %s: %s", names.GATE_RESULT_ARTIFACT, run_id, exc)

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from resque_airflow.errors import first_line
 from resque_airflow.registry.audit import GateRecord, gate_history
@@ -38,9 +39,16 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _primary_cost(record: GateRecord) -> dict[str, Any] | None:
+    """The cost row to show in one cell: the first with both sides, else the first row, else ``None``."""
+    rows = record.cost_comparison()
+    both = [r for r in rows if r["predicted"] is not None and r["measured"] is not None]
+    return (both or rows or [None])[0]
+
+
 def cost_cell(record: GateRecord) -> str:
     """Predicted vs measured cost in one short string, e.g. ``epochs_to_target 12 [8-16] / 14``; ``-`` if none."""
-    row = record.primary_cost()
+    row = _primary_cost(record)
     if row is None:
         return "-"
     pred = _fmt(row["predicted"], 3)
