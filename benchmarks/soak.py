@@ -32,6 +32,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from machine import rss_mib
+from workloads import quadrant_images as images
 
 
 def tiny_cnn(path: Path, seed: int = 0) -> Path:
@@ -62,24 +64,6 @@ def tiny_cnn(path: Path, seed: int = 0) -> Path:
     model.ir_version = 8  # onnx writes a newer IR version than ONNX Runtime 1.31 loads (DESIGN.md 4)
     path.write_bytes(model.SerializeToString())
     return path
-
-
-def images(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` (1, 8, 8) inputs whose class (0..3) lights one quadrant; ``shift`` adds Gaussian noise."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, n)
-    x = rng.random((n, 1, 8, 8), dtype=np.float32) * 0.2
-    for k in range(4):
-        r, c = divmod(k, 2)
-        x[y == k, :, r * 4 : r * 4 + 4, c * 4 : c * 4 + 4] += 0.8
-    x += rng.normal(0, shift, x.shape).astype(np.float32) if shift else 0
-    return x, y.astype(np.int64)
-
-
-def rss_mib() -> float:
-    """Resident set size of this process now (not the peak), in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class Server:

@@ -24,6 +24,9 @@ largest difference. Throughput is images per second (median over repeats). Also 
 Airflow (``dag.test`` of ``dags/resque_gate.py`` against a SQLite MLflow registry), split into start-up and scoring.
 
 The top-level ratios are those of the first model (ResNet-18) on ``.npz`` shards; ``models`` holds every model's.
+
+Code: ``throughput_workers.py`` (the paths), ``workloads.py`` (the synthetic images), ``machine.py`` (machine facts,
+RSS), ``models.py`` (the torch models); this file sets up, runs the paths in subprocesses and reports.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,397 +44,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import loadavg, machine_info, physical_cores
+from throughput_workers import WORKERS
+from workloads import IMAGE_SPEC, NUM_CLASSES, write_npz_shards, write_png_folder
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-NUM_CLASSES = 10
-SHARD_ROWS = 1000  # rows per .npz shard: the reader holds one shard in memory at a time (12 MB of 32x32x3 float32)
-# CIFAR-like input normalisation, applied identically to the PNG files (by the reader) and the .npz shards (here).
-IMAGE_SPEC = {"mode": "RGB", "scale": 1.0 / 255.0, "mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)}
 TARGETS = {"gate_vs_ort": 0.95, "gate_vs_torch": 1.2, "gate_vs_reference": 2.0, "rss_ratio_10x": 1.1}
 GPU_TARGETS = {"gate_vs_reference": 20.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Machine facts
+# Workers: each runs in its own process (throughput_workers.py) and prints one JSON line
 # ----------------------------------------------------------------------------------------------------------------
-def physical_cores() -> int:
-    """Physical cores of this machine (ONNX Runtime's default intra-op thread count)."""
-    try:
-        pairs = set()
-        block: dict[str, str] = {}
-        for line in [*Path("/proc/cpuinfo").read_text().splitlines(), ""]:
-            if not line.strip():
-                if "core id" in block:
-                    pairs.add((block.get("physical id", "0"), block["core id"]))
-                block = {}
-                continue
-            key, _, value = line.partition(":")
-            block[key.strip()] = value.strip()
-        if pairs:
-            return len(pairs)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
-
-
-def machine_info() -> dict:
-    """CPU model, core counts, RAM, load average and library versions."""
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram_gib = round(int(line.split()[1]) / 2**20, 1)
-    versions = {}
-    for mod in ("numpy", "onnxruntime", "onnx", "torch"):
-        with contextlib.suppress(ImportError):
-            versions[mod] = __import__(mod).__version__
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "physical_cores": physical_cores(),
-        "ram_gib": ram_gib,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set size (``VmHWM``) in MiB."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-def synth_images(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` CIFAR-like ``(32, 32, 3)`` uint8 images with labels 0..9: a class colour, a smooth random pattern and
-    pixel noise; ``shift`` brightens and adds noise (the new data's distribution shift)."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, NUM_CLASSES, n)
-    colours = np.random.default_rng(1234).uniform(40, 215, (NUM_CLASSES, 3))
-    low = rng.normal(0, 30, (n, 4, 4, 3))
-    smooth = np.repeat(np.repeat(low, 8, axis=1), 8, axis=2)  # 4x4 blocks -> 32x32
-    img = colours[y][:, None, None, :] + smooth + rng.normal(0, 12 + 40 * shift, (n, 32, 32, 3)) + 25 * shift
-    return np.clip(img, 0, 255).astype(np.uint8), y.astype(np.int64)
-
-
-def to_input(img: np.ndarray) -> np.ndarray:
-    """uint8 ``(n, H, W, 3)`` -> float32 ``(n, 3, H, W)`` exactly as the image-folder reader computes it."""
-    a = img.astype(np.float32).transpose(0, 3, 1, 2)
-    mean = np.asarray(IMAGE_SPEC["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(IMAGE_SPEC["std"], np.float32).reshape(1, -1, 1, 1)
-    return np.ascontiguousarray((a * np.float32(IMAGE_SPEC["scale"]) - mean) / std)
-
-
-def write_npz(folder: Path, n: int, seed: int, shift: float) -> None:
-    """``n`` rows as ``.npz`` shards of :data:`SHARD_ROWS` rows (``x`` float32 model input, ``y`` int64)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, start in enumerate(range(0, n, SHARD_ROWS)):
-        img, y = synth_images(min(SHARD_ROWS, n - start), seed * 100_003 + i, shift)
-        np.savez(folder / f"shard-{i:05d}.npz", x=to_input(img), y=y)
-
-
-def write_png(folder: Path, n: int, seed: int, shift: float) -> None:
-    """The same images as :func:`write_npz` as PNG files in class sub-folders ``00`` .. ``09``."""
-    from PIL import Image
-
-    for k in range(NUM_CLASSES):
-        (folder / f"{k:02d}").mkdir(parents=True, exist_ok=True)
-    for i, start in enumerate(range(0, n, SHARD_ROWS)):
-        img, y = synth_images(min(SHARD_ROWS, n - start), seed * 100_003 + i, shift)
-        for j in range(img.shape[0]):
-            Image.fromarray(img[j]).save(folder / f"{y[j]:02d}" / f"{start + j:07d}.png")
-
-
-def load_npz_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for f in sorted(folder.glob("*.npz")):
-        with np.load(f) as z:
-            xs.append(z["x"])
-            ys.append(z["y"])
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Workers: each runs in its own process and prints one JSON line
-# ----------------------------------------------------------------------------------------------------------------
-def _sums_to_dist(fp_dir: str, sums: np.ndarray, counts: np.ndarray) -> float:
-    from resque_airflow.core import ClassSums, Fingerprint, resque_dist
-
-    fp = Fingerprint.load(fp_dir)
-    return resque_dist(fp.summary.given, ClassSums.from_arrays(sums, counts)).value
-
-
-def _instrument(pipeline, timings: dict[str, float]) -> None:
-    """Wrap the pipeline's stages with timers (session creation, the streaming pass); wrapping changes nothing else.
-
-    ``timings["session"]``: :class:`Embedder` construction (graph surgery + ONNX Runtime session);
-    ``timings["pass"]``: :func:`summarise` (read, infer, accumulate). The rest of ``score_dist`` is scoring.
-    """
-
-    def timed(key, fn):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-        return wrapper
-
-    class TimedEmbedder(pipeline.Embedder):
-        def __init__(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            super().__init__(*args, **kwargs)
-            timings["session"] = timings.get("session", 0.0) + time.perf_counter() - t0
-
-    pipeline.Embedder = TimedEmbedder
-    pipeline.summarise = timed("pass", pipeline.summarise)
-    pipeline.score_dist = timed("score_dist", pipeline.score_dist)
-
-
-def worker_gate(spec: dict) -> dict:
-    """score_dist from data on disk, timed from the call to its return (fingerprint loaded beforehand)."""
-    t_import = time.perf_counter()
-    from resque_airflow.core import Fingerprint
-    from resque_airflow.runtime import pipeline
-
-    fp = Fingerprint.load(spec["fingerprint"])
-    t_import = time.perf_counter() - t_import
-    timings: dict[str, float] = {}
-    _instrument(pipeline, timings)
-    t0 = time.perf_counter()
-    result = pipeline.score_dist(
-        spec["model"], fp, spec["data"], provider=spec["provider"], batch_size=spec["batch_size"]
-    )
-    seconds = time.perf_counter() - t0
-    return {
-        "seconds": seconds,
-        "session_seconds": timings["session"],
-        "pass_seconds": result.seconds,
-        "scoring_seconds": seconds - timings["pass"] - timings["session"],
-        "n": result.n_samples,
-        "images_per_s": result.n_samples / seconds,
-        "pass_images_per_s": result.n_samples / result.seconds,
-        "dist": result.score,
-        "provider": result.provider,
-        "import_seconds": t_import,
-        "peak_rss_mb": peak_rss_mb(),
-    }
-
-
-def worker_ort(spec: dict) -> dict:
-    """Bare ONNX Runtime on in-memory batches of the unmodified model; session built and warmed up beforehand."""
-    import onnxruntime as ort
-
-    x, _ = load_npz_folder(Path(spec["data"]))
-    bs = spec["batch_size"]
-    providers = ["CPUExecutionProvider"]
-    if spec["provider"] == "cuda":
-        providers.insert(0, "CUDAExecutionProvider")
-        with contextlib.redirect_stdout(sys.stderr):
-            ort.preload_dlls(msvc=False)  # as the gate's session does: CUDA/cuDNN from the nvidia-* wheels
-    opts = ort.SessionOptions()
-    if spec.get("threads"):
-        opts.intra_op_num_threads = int(spec["threads"])
-    sess = ort.InferenceSession(spec["model"], opts, providers=providers)
-    name = sess.get_inputs()[0].name
-    sess.run(None, {name: x[:bs]})  # warm-up: first-run allocations and kernel selection are not throughput
-    rates = []
-    for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        for i in range(0, x.shape[0], bs):
-            sess.run(None, {name: x[i : i + bs]})
-        rates.append(x.shape[0] / (time.perf_counter() - t0))
-    return {
-        "images_per_s": statistics.median(rates),
-        "repeats": rates,
-        "n": int(x.shape[0]),
-        "provider": sess.get_providers()[0],
-        "threads": spec.get("threads") or physical_cores(),
-        "peak_rss_mb": peak_rss_mb(),
-    }
-
-
-def _torch_model(spec: dict):
-    import torch
-
-    sys.path.insert(0, str(HERE))
-    from models import MODELS
-
-    build, layer = MODELS[spec["model_name"]]
-    model = build()
-    model.load_state_dict(torch.load(spec["weights"], weights_only=True))
-    device = "cuda" if spec["provider"] == "cuda" else "cpu"
-    return model.eval().to(device), dict(model.named_modules())[layer], device
-
-
-def _pool(out):
-    """Global average pooling by rank, as the gate pools in-graph: (N, C, H, W) -> mean over H, W; (N, T, D) -> T."""
-    return out.mean((2, 3)) if out.ndim == 4 else out.mean(1) if out.ndim == 3 else out
-
-
-def worker_torch(spec: dict) -> dict:
-    """torch eager, batched, forward hook on the layer (pooled), float64 class sums by a one-hot matrix product."""
-    import torch
-
-    from resque_airflow.core import ClassSums
-
-    torch.set_num_threads(spec.get("threads") or physical_cores())
-    model, module, device = _torch_model(spec)
-    x, y = load_npz_folder(Path(spec["data"]))
-    bs = spec["batch_size"]
-    seen: list = []
-    module.register_forward_hook(lambda _m, _i, out: seen.append(_pool(out)))
-    rates, sums = [], None
-
-    def one_pass() -> ClassSums:
-        cs = ClassSums(NUM_CLASSES, spec["dim"])
-        for i in range(0, x.shape[0], bs):
-            seen.clear()
-            model(torch.from_numpy(x[i : i + bs]).to(device))
-            cs.update(seen[-1].float().cpu().numpy(), y[i : i + bs])
-        return cs
-
-    with torch.inference_mode():
-        model(torch.from_numpy(x[:bs]).to(device))  # warm-up
-        for _ in range(spec["repeats"]):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            sums = one_pass()
-            rates.append(x.shape[0] / (time.perf_counter() - t0))
-    return {
-        "images_per_s": statistics.median(rates),
-        "repeats": rates,
-        "n": int(x.shape[0]),
-        "threads": torch.get_num_threads(),
-        "dist": _sums_to_dist(spec["fingerprint"], sums.sums, sums.counts),
-        "peak_rss_mb": peak_rss_mb(),
-    }
-
-
-def worker_reference(spec: dict) -> dict:
-    """The published procedure: per class, that class's samples one at a time through the hooked model (batch 1)."""
-    import torch
-
-    torch.set_num_threads(spec.get("threads") or physical_cores())
-    model, module, device = _torch_model(spec)
-    x, y = load_npz_folder(Path(spec["data"]))
-    feats: list = []
-    module.register_forward_hook(lambda _m, _i, out: feats.append(out))
-    sums = np.zeros((NUM_CLASSES, spec["dim"]), np.float64)
-    counts = np.zeros(NUM_CLASSES, np.int64)
-    with torch.no_grad():
-        model(torch.from_numpy(x[:1]).to(device))  # warm-up
-        feats.clear()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for k in range(NUM_CLASSES):  # one pass per class over the data
-            acc = torch.zeros(spec["dim"], dtype=torch.float64, device=device)
-            for i in np.flatnonzero(y == k):
-                model(torch.from_numpy(x[i : i + 1]).to(device))
-                acc += _pool(feats.pop())[0].double()
-                counts[k] += 1
-            sums[k] = acc.cpu().numpy()
-        seconds = time.perf_counter() - t0
-    return {
-        "images_per_s": x.shape[0] / seconds,
-        "seconds": seconds,
-        "n": int(x.shape[0]),
-        "threads": torch.get_num_threads(),
-        "dist": _sums_to_dist(spec["fingerprint"], sums, counts),
-        "peak_rss_mb": peak_rss_mb(),
-    }
-
-
-def worker_airflow(spec: dict) -> dict:
-    """Run the ``resque_gate`` DAG with ``dag.test`` and time the gate task, split into start-up and scoring.
-
-    The split comes from timers wrapped around the operator's ``execute`` and the pipeline's stages (session creation,
-    the streaming pass, scoring): wrapping changes no behaviour. Everything outside the pass and the scoring (imports
-    inside the task, registry resolve and download, opening and closing the gate run, session creation) is start-up.
-    """
-    t_start = time.perf_counter()
-    import importlib.util
-
-    from resque_airflow.operators.gate import ResqueGateOperator
-    from resque_airflow.runtime import pipeline
-
-    timings: dict[str, float] = {}
-    _instrument(pipeline, timings)
-    execute = ResqueGateOperator.execute
-
-    def timed_execute(self, context):
-        t0 = time.perf_counter()
-        try:
-            return execute(self, context)
-        finally:
-            timings["task"] = time.perf_counter() - t0
-
-    ResqueGateOperator.execute = timed_execute
-    module_spec = importlib.util.spec_from_file_location("resque_gate_dag", REPO / "dags" / "resque_gate.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    t_parsed = time.perf_counter()
-    run = module.dag.test(
-        run_conf={
-            "model_name": spec["model_name"],
-            "data_uri": spec["data"],
-            "reuse_threshold": 0.99,  # take the cheap `reuse` branch: only the gate is measured
-            "rebuild_threshold": 1.0,
-        }
-    )
-    t_done = time.perf_counter()
-    state = str(getattr(run, "state", ""))
-    task = timings.get("task", float("nan"))
-    scoring = timings.get("score_dist", float("nan")) - timings.get("session", 0.0)
-    return {
-        "dag_state": state,
-        "n": spec["n"],
-        "process_imports_s": t_parsed - t_start,
-        "dag_test_s": t_done - t_parsed,
-        "gate_task_s": task,
-        "gate_startup_s": task - scoring,
-        "gate_scoring_s": scoring,
-        "gate_session_s": timings.get("session"),
-        "gate_pass_s": timings.get("pass"),
-        "gate_signals_s": scoring - timings.get("pass", float("nan")),
-        "peak_rss_mb": peak_rss_mb(),
-    }
-
-
-WORKERS = {
-    "gate": worker_gate,
-    "ort": worker_ort,
-    "torch": worker_torch,
-    "reference": worker_reference,
-    "airflow": worker_airflow,
-}
-
-
 def run_worker(kind: str, spec: dict, *, env: dict | None = None, timeout: float = 3600) -> dict:
     """Run one worker in a fresh Python process; return its JSON result (with ``wall_s`` of the process)."""
     t0 = time.perf_counter()
@@ -540,8 +164,8 @@ def airflow_gate(work: Path, model: dict, n: int, provider: str) -> dict:
     tracking = f"sqlite:///{db.resolve()}"
     ref = work / "airflow-ref"
     new = work / "airflow-new"
-    write_npz(ref, n, seed=71, shift=0.0)
-    write_npz(new, n, seed=72, shift=0.5)
+    write_npz_shards(ref, n, seed=71, shift=0.0)
+    write_npz_shards(new, n, seed=72, shift=0.5)
     t0 = time.perf_counter()
     publish_model(
         tracking_uri=tracking,
@@ -588,9 +212,9 @@ def bench_model(name: str, work: Path, args, log) -> dict:
     d = work / name
     n, n_ref = args.n, args.n_ref
     log(f"[{name}] writing data: {n} new images as .npz and PNG, {n_ref} reference images")
-    write_png(d / "ref-png", n_ref, seed=1, shift=0.0)
-    write_npz(d / "new-npz", n, seed=2, shift=0.5)
-    write_png(d / "new-png", n, seed=2, shift=0.5)
+    write_png_folder(d / "ref-png", n_ref, seed=1, shift=0.0)
+    write_npz_shards(d / "new-npz", n, seed=2, shift=0.5)
+    write_png_folder(d / "new-png", n, seed=2, shift=0.5)
     fp_dir, dim = fingerprint(model, d / "ref-png", d / "fingerprint", args.provider)
     base = {"provider": args.provider, "batch_size": args.batch_size, "fingerprint": fp_dir}
     tspec = base | {"model_name": name, "weights": model["weights"], "dim": dim, "data": str(d / "new-npz")}
@@ -615,7 +239,7 @@ def bench_model(name: str, work: Path, args, log) -> dict:
     runs["reference"] = [run_worker("reference", tspec)]
     if name in args.rss_models:
         log(f"[{name}] gate on 10x the data ({10 * n} images, .npz) for peak RSS; load {loadavg()}")
-        write_npz(d / "new-npz-10x", 10 * n, seed=3, shift=0.5)
+        write_npz_shards(d / "new-npz-10x", 10 * n, seed=3, shift=0.5)
         runs["gate_npz_10x"] = [gate(d / "new-npz-10x")]
     paths = {key: _median_fields(r) for key, r in runs.items()}
 

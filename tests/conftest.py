@@ -1,13 +1,16 @@
-"""Shared fixtures: a small torch CNN exported to ONNX, and data written in the product's formats."""
+"""Shared fixtures: a small torch CNN exported to ONNX, data written in the product's formats, a SQLite registry."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -76,17 +79,63 @@ def cnn_onnx(tmp_path_factory):
     return model, path
 
 
-def make_images(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` random (1, 8, 8) float32 inputs whose class (0..3) sets a bright quadrant; ``shift`` adds noise."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, n)
-    x = rng.random((n, 1, 8, 8), dtype=np.float32) * 0.2
-    for k in range(4):
-        r, c = divmod(k, 2)
-        x[y == k, :, r * 4 : r * 4 + 4, c * 4 : c * 4 + 4] += 0.8
-    if shift:
-        x += rng.normal(0, shift, x.shape).astype(np.float32)
-    return x, y.astype(np.int64)
+def load_benchmark(name: str) -> ModuleType:
+    """The module ``benchmarks/<name>.py``, imported once by path.
+
+    ``benchmarks/`` is a folder of scripts, not a package: each finds its siblings because Python puts the
+    script's folder first on ``sys.path``. Loading by path gives the tests the same modules without putting that
+    folder on ``sys.path`` for every test.
+    """
+    key = f"benchmarks.{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before exec: dataclasses look their module up while it runs
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+# ``n`` random (1, 8, 8) float32 inputs whose class (0..3) lights one quadrant; ``shift`` adds noise. The same
+# generator feeds benchmarks/soak.py.
+make_images = load_benchmark("workloads").quadrant_images
+
+
+@pytest.fixture(scope="session")
+def cnn_registry(tmp_path_factory, cnn_onnx) -> Callable[..., tuple[str, Path]]:
+    """Factory of SQLite registries holding the tiny CNN (:func:`cnn_onnx`), for module-scoped fixtures.
+
+    ``cnn_registry(label, names, new=(n, seed, shift), gate=True, ref_name="ref.npz")`` makes a fresh folder,
+    writes 300 reference images (seed 1) to ``ref_name``, publishes the CNN under each of ``names`` (``champion``
+    alias), writes ``new`` images to ``new.npz`` when given, and gates ``models:/cnn@champion`` on them once when
+    ``gate``. Returns ``(tracking URI, folder)``.
+    """
+    from resque_airflow.registry.client import make_client
+    from resque_airflow.registry.gate import GateRequest, run_gate
+    from resque_airflow.registry.publish import publish_model
+
+    def make(
+        label: str,
+        names: tuple[str, ...] = ("cnn",),
+        *,
+        new: tuple[int, int, float] | None = None,
+        gate: bool = False,
+        ref_name: str = "ref.npz",
+    ) -> tuple[str, Path]:
+        root = tmp_path_factory.mktemp(label)
+        uri = f"sqlite:///{root}/mlflow.db"
+        x, y = make_images(300, seed=1)
+        np.savez(root / ref_name, x=x, y=y)
+        for name in names:
+            publish_model(tracking_uri=uri, name=name, model_path=cnn_onnx[1], reference=str(root / ref_name))
+        if new is not None:
+            n, seed, shift = new
+            x, y = make_images(n, seed=seed, shift=shift)
+            np.savez(root / "new.npz", x=x, y=y)
+        if gate:
+            run_gate(GateRequest("models:/cnn@champion", str(root / "new.npz")), client=make_client(uri))
+        return uri, root
+
+    return make
 
 
 @pytest.fixture

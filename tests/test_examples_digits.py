@@ -1,4 +1,7 @@
-"""The digits workload: splits, model, shifts (effect grows with severity), new tasks and the .npz format."""
+"""The digits workload: splits, model, shifts (effect grows with severity), new tasks and the .npz format.
+
+New tasks, photo tiles, the torch-side embedding and the new head are the benchmarks' (``benchmarks/workloads.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 
 from resque_airflow.examples import digits as D
+
+W = load_benchmark("workloads")
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +45,15 @@ def test_model_and_representation_layer(splits):
     convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]
     assert convs[-1] == D.REPRESENTATION_LAYER  # the last Conv is the representation layer
     assert m(torch.from_numpy(splits.test.x[:5])).shape == (5, 10)
-    feats, logits = D.embed(m, splits.test.x[:7])
+    feats, logits = W.embed(m, splits.test.x[:7])
     assert feats.shape == (7, 32) and logits.shape == (7, 10) and feats.dtype == np.float32
-    flat, _ = D.embed(m, splits.test.x[:7], pool=False)
+    flat, _ = W.embed(m, splits.test.x[:7], pool=False)
     assert flat.shape == (7, 32 * 4 * 4)
     np.testing.assert_allclose(flat.reshape(7, 32, 16).mean(-1), feats, atol=1e-6)
     # Seeded factories are reproducible; a new head keeps the body.
     a, b = D.make_model(seed=3), D.make_model(seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    D.replace_head(a, 3, seed=0)
+    W.replace_head(a, 3, seed=0)
     assert a.fc.out_features == 3 and torch.equal(a.conv2.weight, b.conv2.weight)
 
 
@@ -87,7 +93,7 @@ def test_apply_shift_none_and_unknown(splits):
     ],
 )
 def test_tasks_label_sets(name, labels, splits):
-    t = D.make_task(name, splits)
+    t = W.make_task(name, splits)
     assert t.num_classes == len(labels)
     for part in (t.train, t.heldout, t.test):
         assert set(np.unique(part.y)) == labels
@@ -100,11 +106,11 @@ def test_tasks_label_sets(name, labels, splits):
 
 
 def test_photo_tiles_and_unknown_task():
-    tiles = D.load_photo_tiles()
+    tiles = W.load_photo_tiles()
     assert set(tiles) == {"china", "flower", "grace_hopper"}
     assert tiles["china"].shape == (17 * 26, 1, 8, 8)  # 427x640 photo in 24-pixel tiles
     with pytest.raises(ValueError, match="task"):
-        D.make_task("cifar")
+        W.make_task("cifar")
 
 
 def test_write_npz_round_trip(tmp_path, splits):

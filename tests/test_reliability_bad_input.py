@@ -52,15 +52,11 @@ MODELS = ("cnn", "mlp")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, cnn_onnx):
+def env(cnn_registry):
     """A SQLite registry holding ``cnn`` (images, (N, 1, 8, 8)) and ``mlp`` ((N, 6)), each gated once, and data."""
-    root = tmp_path_factory.mktemp("bad-input")
-    uri = f"sqlite:///{root}/mlflow.db"
-    x, y = make_images(300, seed=1)
-    np.savez(root / "cnn-ref.npz", x=x, y=y)
+    uri, root = cnn_registry("bad-input", ref_name="cnn-ref.npz")
     xm, ym = mlp_data(300, seed=1)
     np.savez(root / "mlp-ref.npz", x=xm, y=ym)
-    publish_model(tracking_uri=uri, name="cnn", model_path=cnn_onnx[1], reference=str(root / "cnn-ref.npz"))
     publish_model(
         tracking_uri=uri, name="mlp", model_path=mlp_onnx(root / "mlp.onnx"), reference=str(root / "mlp-ref.npz")
     )

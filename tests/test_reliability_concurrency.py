@@ -29,14 +29,9 @@ WAIT_S = 120  # bound on every wait for another thread or process
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, cnn_onnx):
+def registry(cnn_registry):
     """A SQLite registry with one model per test (``lost``, ``cut``, ``race``), so the tests share one database."""
-    root = tmp_path_factory.mktemp("concurrency")
-    uri = f"sqlite:///{root}/mlflow.db"
-    x, y = make_images(300, seed=1)
-    np.savez(root / "ref.npz", x=x, y=y)
-    for name in ("lost", "cut", "race"):
-        publish_model(tracking_uri=uri, name=name, model_path=cnn_onnx[1], reference=str(root / "ref.npz"))
+    uri, root = cnn_registry("concurrency", ("lost", "cut", "race"))
     data = []
     for i, shift in enumerate((0.0, 0.4, 0.8)):
         xs, ys = make_images(120, seed=20 + i, shift=shift)

@@ -42,16 +42,9 @@ WAIT_S = 60  # bound on every wait for a marker file or a process
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, cnn_onnx):
+def registry(cnn_registry):
     """A SQLite registry with ``cnn@champion`` gated once, shared by the tests (they compare before and after)."""
-    root = tmp_path_factory.mktemp("faults")
-    uri = f"sqlite:///{root}/mlflow.db"
-    x, y = make_images(300, seed=1)
-    np.savez(root / "ref.npz", x=x, y=y)
-    publish_model(tracking_uri=uri, name="cnn", model_path=cnn_onnx[1], reference=str(root / "ref.npz"))
-    x, y = make_images(300, seed=2, shift=0.3)
-    np.savez(root / "new.npz", x=x, y=y)
-    run_gate(GateRequest("models:/cnn@champion", str(root / "new.npz")), tracking_uri=uri)
+    uri, root = cnn_registry("faults", new=(300, 2, 0.3), gate=True)
     return uri, root / "new.npz"
 
 

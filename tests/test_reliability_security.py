@@ -129,16 +129,8 @@ def test_check_inside_refuses_links_that_escape(plant, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, cnn_onnx):
-    root = tmp_path_factory.mktemp("security")
-    uri = f"sqlite:///{root}/mlflow.db"
-    x, y = make_images(300, seed=1)
-    np.savez(root / "ref.npz", x=x, y=y)
-    for name in ("cnn", "tamper-me"):
-        publish_model(tracking_uri=uri, name=name, model_path=cnn_onnx[1], reference=str(root / "ref.npz"))
-    x, y = make_images(200, seed=2, shift=0.3)
-    np.savez(root / "new.npz", x=x, y=y)
-    run_gate(GateRequest("models:/cnn@champion", str(root / "new.npz")), tracking_uri=uri)
+def registry(cnn_registry):
+    uri, root = cnn_registry("security", ("cnn", "tamper-me"), new=(200, 2, 0.3), gate=True)
     return uri, str(root / "new.npz")
 
 

@@ -1,6 +1,8 @@
-"""The shared example workload: scikit-learn's handwritten digits, a small CNN, shifts and new tasks.
+"""The shared example workload: scikit-learn's handwritten digits, a small CNN and distribution shifts.
 
-Everything here ships with installed packages; nothing is downloaded.
+Everything here ships with installed packages; nothing is downloaded. The demo (:mod:`resque_airflow.demo`), the
+example DAGs' retrain tasks (the torch factory ``resque_airflow.examples.digits:make_model``) and the benchmarks use
+it; what only the benchmarks use (new tasks, photo tiles, a torch-side embedding) is in ``benchmarks/workloads.py``.
 
 - Data: ``sklearn.datasets.load_digits`` (1,797 grey-scale 8x8 images, values 0..16, 10 classes), scaled to [0, 1]
   and shaped ``(N, 1, 8, 8)`` float32 with ``(N,)`` int64 labels. :func:`load_digits_splits` cuts it into four
@@ -9,11 +11,8 @@ Everything here ships with installed packages; nothing is downloaded.
 - Model: :class:`DigitsCNN`, two 3x3 convolutions (16 and 32 channels, a 2x2 max-pool between), global average
   pooling and a linear head.
   The representation layer is the last convolution, :data:`REPRESENTATION_LAYER` (``"conv2"``), read before its ReLU,
-  as in the RESQUE reference code.
+  as in the RESQUE reference code. :func:`train_model` trains it and measures what that cost.
 - Distribution shift: :data:`SHIFTS` (name -> function ``(x, severity, seed) -> x``) and :data:`SEVERITIES`.
-- Task shift: :func:`make_task` builds new labelled tasks: relabelings of the digits (:data:`DIGIT_TASKS`) and image
-  patches from three photographs that ship with scikit-learn and matplotlib (:data:`PHOTO_TASKS`; see
-  :func:`load_photo_tiles` for exactly what they are).
 - :func:`write_npz`: a batch in the product's data format (``x`` float32 ``(N, 1, 8, 8)``, ``y`` int64).
 
 torch and scipy are imported at module level: this module is imported by DAG tasks and benchmarks only, never at
@@ -22,7 +21,6 @@ DAG-parse time (``import resque_airflow.examples`` alone stays cheap).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +34,6 @@ from torch import nn
 
 if TYPE_CHECKING:
     from resque_airflow.runtime.training import RetrainCost
-
-log = logging.getLogger(__name__)
 
 IMAGE_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
@@ -189,14 +185,6 @@ def make_model(num_classes: int = NUM_CLASSES, seed: int | None = None) -> Digit
         return DigitsCNN(num_classes)
 
 
-def replace_head(model: DigitsCNN, num_classes: int, seed: int = 0) -> DigitsCNN:
-    """Give ``model`` a new, freshly initialised linear head with ``num_classes`` outputs (in place; returns it)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-    return model
-
-
 def train_model(
     model: nn.Module,
     x: np.ndarray,
@@ -253,46 +241,6 @@ def train_model(
         stop_at_target=False,
     )
     return model, cost
-
-
-@torch.no_grad()
-def embed(
-    model: nn.Module, x: np.ndarray, *, layer: str = REPRESENTATION_LAYER, pool: bool = True, batch_size: int = 512
-) -> tuple[np.ndarray, np.ndarray]:
-    """Representation and logits of ``x`` under ``model``, via a forward hook on ``layer``.
-
-    Args:
-        model: a torch model with a sub-module named ``layer``.
-        x: ``(N, 1, 8, 8)`` float32 images.
-        layer: name of the hooked sub-module.
-        pool: average the layer's ``(N, C, H, W)`` output over H, W (DESIGN.md 2.3), giving ``(N, C)``; when
-            False, flatten it to ``(N, C * H * W)`` (the "flattened" RESQUE_task variant).
-        batch_size: forward-pass batch size.
-
-    Returns:
-        ``(features, logits)``: ``(N, D)`` float32 and ``(N, num_classes)`` float32 numpy arrays.
-    """
-    module = dict(model.named_modules())[layer]
-    captured: list[torch.Tensor] = []
-
-    def hook(_mod, _inp, out):
-        if out.ndim > 2:
-            # Pooling by rank as in DESIGN.md 2.3: (N, C, H, W) -> mean over H, W; (N, T, D) -> mean over T.
-            out = out.mean(dim=tuple(range(2, out.ndim))) if pool else out.flatten(1)
-        captured.append(out)
-
-    handle = module.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = [
-            model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], np.float32)))
-            for i in range(0, len(x), batch_size)
-        ]
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return torch.cat(captured).numpy().astype(np.float32), torch.cat(logits).numpy().astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -392,110 +340,3 @@ def apply_shift(x: np.ndarray, shift: str, severity: float, seed: int = 0) -> np
     if shift not in SHIFTS:
         raise ValueError(f"shift: expected 'none' or one of {sorted(SHIFTS)}, got {shift!r}")
     return SHIFTS[shift](x, severity, seed)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Task shift: new labelled tasks on the same input shape.
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Task:
-    """A new task: ``train`` (fine-tuning), ``heldout`` (accuracy target) and ``test`` (scored by the gate)."""
-
-    name: str
-    description: str
-    num_classes: int
-    train: Split
-    heldout: Split
-    test: Split
-
-
-def _relabel(fn: Callable[[np.ndarray], np.ndarray], keep: Callable[[np.ndarray], np.ndarray] | None = None):
-    def build(s: Split) -> Split:
-        mask = np.ones(len(s), bool) if keep is None else keep(s.y)
-        return Split(s.x[mask], fn(s.y[mask]).astype(np.int64))
-
-    return build
-
-
-DIGIT_TASKS: dict[str, tuple[str, int, Callable[[Split], Split]]] = {
-    "parity": ("digit is odd (1) or even (0)", 2, _relabel(lambda y: y % 2)),
-    "ge5": ("digit >= 5 (1) or < 5 (0)", 2, _relabel(lambda y: (y >= 5).astype(np.int64))),
-    "mod3": ("digit modulo 3 (3 classes)", 3, _relabel(lambda y: y % 3)),
-    "pair_3_8": ("only 3s and 8s: 8 (1) vs 3 (0)", 2, _relabel(lambda y: y == 8, lambda y: np.isin(y, [3, 8]))),
-    "pair_1_7": ("only 1s and 7s: 7 (1) vs 1 (0)", 2, _relabel(lambda y: y == 7, lambda y: np.isin(y, [1, 7]))),
-    "pair_4_9": ("only 4s and 9s: 9 (1) vs 4 (0)", 2, _relabel(lambda y: y == 9, lambda y: np.isin(y, [4, 9]))),
-}
-"""Relabelings of the digits: name -> (description, number of classes, split -> relabelled split)."""
-
-PHOTO_TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "photos_china_flower": ("8x8 patches of two photos: china.jpg (0) vs flower.jpg (1)", ("china", "flower")),
-    "photos_3way": (
-        "8x8 patches of three photos: china.jpg (0), flower.jpg (1), grace_hopper.jpg (2)",
-        ("china", "flower", "grace_hopper"),
-    ),
-}
-"""Tasks from another data set: name -> (description, photos used as classes, in label order)."""
-
-TASK_NAMES: tuple[str, ...] = (*DIGIT_TASKS, *PHOTO_TASKS)
-PHOTO_TILE = 24  # pixels of photo per tile side; 24 / 8 = 3x3 block averages
-
-
-def load_photo_tiles(tile: int = PHOTO_TILE) -> dict[str, np.ndarray]:
-    """Non-overlapping grey-scale tiles of three bundled photographs, reduced to 8x8.
-
-    The photos are the only natural images bundled with the installed packages (no download):
-    ``china.jpg`` and ``flower.jpg`` from ``sklearn.datasets.load_sample_images`` (427x640 colour photos of a
-    Chinese temple and of a flower) and ``grace_hopper.jpg`` from matplotlib's sample data (a 600x512 portrait).
-    Each photo is converted to grey (PIL mode ``"L"``), cut into non-overlapping ``tile`` x ``tile`` squares, and
-    each square is reduced to 8x8 by block averaging and scaled to [0, 1]. The classes are therefore "which photo a
-    patch comes from": a texture / brightness discrimination task unrelated to digits, not a real-world data set.
-
-    Returns:
-        photo name -> ``(n_tiles, 1, 8, 8)`` float32 in [0, 1].
-    """
-    from matplotlib import cbook
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    if tile % 8:
-        raise ValueError(f"tile: expected a multiple of 8, got {tile}")
-    photos = {}
-    sample = load_sample_images()
-    for name, img in zip(sample.filenames, sample.images, strict=True):
-        photos[Path(name).stem] = Image.fromarray(img).convert("L")
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
-        photos["grace_hopper"] = Image.open(f).convert("L")
-    out = {}
-    b = tile // 8
-    for name, im in photos.items():
-        a = np.asarray(im, np.float32) / 255.0
-        h, w = (a.shape[0] // tile) * tile, (a.shape[1] // tile) * tile
-        # (rows, tile, cols, tile) -> one tile per (row, col); then 3x3 block means down to 8x8.
-        tiles = a[:h, :w].reshape(h // tile, tile, w // tile, tile).transpose(0, 2, 1, 3).reshape(-1, tile, tile)
-        small = tiles.reshape(-1, 8, b, 8, b).mean(axis=(2, 4))
-        out[name] = small[:, None].astype(np.float32)
-    return out
-
-
-def make_task(name: str, splits: DigitsSplits | None = None, seed: int = 0) -> Task:
-    """Build the new task ``name`` (one of :data:`TASK_NAMES`).
-
-    Digit tasks relabel (and for pairs, subset) the ``train`` / ``heldout`` / ``test`` splits of ``splits``
-    (``load_digits_splits(seed)`` when None). Photo tasks split each photo's tiles with the same fractions as the
-    digits (the ``reference`` share goes unused), stratified by photo, with ``seed``.
-    """
-    if name in DIGIT_TASKS:
-        desc, k, build = DIGIT_TASKS[name]
-        s = splits if splits is not None else load_digits_splits(seed)
-        return Task(name, desc, k, build(s.train), build(s.heldout), build(s.test))
-    if name in PHOTO_TASKS:
-        desc, photos = PHOTO_TASKS[name]
-        tiles = load_photo_tiles()
-        x = np.concatenate([tiles[p] for p in photos])
-        y = np.concatenate([np.full(len(tiles[p]), i, np.int64) for i, p in enumerate(photos)])
-        idx = stratified_split(y, SPLIT_FRACTIONS, seed)
-        parts = {k: Split(x[i], y[i]) for k, i in idx.items()}
-        return Task(name, desc, len(photos), parts["train"], parts["heldout"], parts["test"])
-    raise ValueError(f"task: expected one of {TASK_NAMES}, got {name!r}")
