@@ -13,26 +13,10 @@ from __future__ import annotations
 
 import pendulum
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import Param, TriggerRule, dag, task
+from airflow.sdk import Param, TriggerRule, dag
 
+from resque_airflow.operators.challenger import ResqueChallengerOperator, ResqueReuseOperator
 from resque_airflow.operators.gate import ResqueGateOperator
-from resque_airflow.registry import names
-
-
-def _challenger(gate_result: dict, params: dict, *, fresh: bool) -> dict:
-    from resque_airflow.hooks.mlflow import MlflowHook
-    from resque_airflow.registry.challenger import train_challenger
-
-    hook = MlflowHook("mlflow_default")
-    return train_challenger(
-        tracking_uri=hook.tracking_uri,
-        registry_uri=hook.registry_uri,
-        gate_result=gate_result,
-        data_uri=params["data_uri"],
-        fresh=fresh,
-        max_epochs=params["max_epochs"],
-        country_iso_code=params["country_iso_code"],
-    )
 
 
 @dag(
@@ -64,29 +48,18 @@ def resque_gate():
         rebuild_threshold="{{ params.rebuild_threshold }}",
     )
 
-    @task
-    def reuse(gate_result: dict) -> dict:
-        """Nothing to retrain: record that on the gate run, so the audit trail says the check was acted on."""
-        from resque_airflow.hooks.mlflow import MlflowHook
-
-        MlflowHook("mlflow_default").get_client().set_tag(gate_result["gate_run_id"], names.ACTION_TAG, "reused")
-        return {
-            "kind": "reuse",
-            "gate_run_id": gate_result["gate_run_id"],
-            "model_version": gate_result["model_version"],
-        }
-
-    @task
-    def retrain(gate_result: dict, params: dict | None = None) -> dict:
-        return _challenger(gate_result, params, fresh=False)
-
-    @task
-    def rebuild(gate_result: dict, params: dict | None = None) -> dict:
-        return _challenger(gate_result, params, fresh=True)
-
+    # Nothing to retrain: the reuse branch records that on the gate run, so the audit trail says it was acted on.
+    reuse = ResqueReuseOperator(task_id="reuse", gate_result=gate.output)
+    challenger = {
+        "gate_result": gate.output,
+        "data": "{{ params.data_uri }}",
+        "max_epochs": "{{ params.max_epochs }}",
+        "country_iso_code": "{{ params.country_iso_code }}",
+    }
+    retrain = ResqueChallengerOperator(task_id="retrain", fresh=False, **challenger)  # fine-tune the champion
+    rebuild = ResqueChallengerOperator(task_id="rebuild", fresh=True, **challenger)  # same architecture, fresh weights
     join = EmptyOperator(task_id="join", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    branches = [reuse(gate.output), retrain(gate.output), rebuild(gate.output)]
-    gate >> branches >> join
+    gate >> [reuse, retrain, rebuild] >> join
 
 
 dag = resque_gate()

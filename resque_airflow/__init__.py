@@ -41,7 +41,11 @@ def get_provider_info() -> dict:
         "operators": [
             {
                 "integration-name": "RESQUE",
-                "python-modules": ["resque_airflow.operators.gate", "resque_airflow.operators.shard"],
+                "python-modules": [
+                    "resque_airflow.operators.gate",
+                    "resque_airflow.operators.shard",
+                    "resque_airflow.operators.challenger",
+                ],
             }
         ],
     }

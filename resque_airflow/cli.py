@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from resque_airflow.errors import RegistryError, ResqueInputError
+from resque_airflow.registry import names
 
 log = logging.getLogger("resque")
 
@@ -181,6 +182,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
+    from resque_airflow.registry.client import make_client
     from resque_airflow.registry.gate import GateRequest, run_gate
 
     request = GateRequest(
@@ -189,7 +191,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         experiment_name=args.experiment, batch_size=args.batch_size,
     )  # fmt: skip
     with progress_bar("gate", not args.json) as progress:
-        outcome = run_gate(request, tracking_uri=args.tracking_uri, registry_uri=args.registry_uri, progress=progress)
+        outcome = run_gate(request, client=make_client(args.tracking_uri, args.registry_uri), progress=progress)
     print_result(outcome.to_dict(), args.json)
     return 0
 
@@ -276,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", default="given", choices=["given", "predicted", "none"])
     g.add_argument("--reuse-threshold", type=float, default=None)
     g.add_argument("--rebuild-threshold", type=float, default=None)
-    g.add_argument("--experiment", default="resque-gate")
+    g.add_argument("--experiment", default=names.DEFAULT_EXPERIMENT)
     common(g)
     g.set_defaults(func=cmd_gate)
 

@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 def _row(client, name: str, returncode: int) -> dict:
     """What the last DAG run did, read back from the audit trail in MLflow: the gate run and its challenger."""
     from resque_airflow.registry import names
+    from resque_airflow.registry.client import search_literal
 
     gate_exp = client.get_experiment_by_name(names.DEFAULT_EXPERIMENT)
     run = client.search_runs([gate_exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
@@ -135,11 +136,10 @@ def _row(client, name: str, returncode: int) -> dict:
     }  # fmt: skip
     retrain_exp = client.get_experiment_by_name(names.RETRAIN_EXPERIMENT)
     if retrain_exp is not None:
-        found = client.search_runs(
-            [retrain_exp.experiment_id], filter_string=f"tags.`{names.GATE_RUN_TAG}` = '{run.info.run_id}'"
-        )
+        by_gate = f"tags.`{names.GATE_RUN_TAG}` = {search_literal(run.info.run_id)}"
+        found = client.search_runs([retrain_exp.experiment_id], filter_string=by_gate)
         if found:
-            versions = client.search_model_versions(f"run_id = '{found[0].info.run_id}'")
+            versions = client.search_model_versions(f"run_id = {search_literal(found[0].info.run_id)}")
             row["cost"] = dict(found[0].data.metrics) | {"version": versions[0].version if versions else "?"}
     return row
 

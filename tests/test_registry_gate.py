@@ -12,7 +12,7 @@ from resque_airflow.cli import main
 from resque_airflow.core import FingerprintError, RegistryError, ResqueInputError
 from resque_airflow.registry import names
 from resque_airflow.registry.client import make_client
-from resque_airflow.registry.gate import AirflowInfo, GateRequest, run_gate
+from resque_airflow.registry.gate import GateRequest, Origin, run_gate
 from resque_airflow.registry.publish import publish_model
 
 
@@ -59,8 +59,8 @@ def test_publish_records_fingerprint_and_training_cost(registry):
 
 def test_gate_run_metric_tags_and_decisions(registry):
     uri, data = registry
-    clean = run_gate(GateRequest("models:/cnn@champion", str(data["clean"])), tracking_uri=uri)
-    shifted = run_gate(GateRequest("models:/cnn@champion", str(data["shifted"])), tracking_uri=uri)
+    clean = run_gate(GateRequest("models:/cnn@champion", str(data["clean"])), client=make_client(uri))
+    shifted = run_gate(GateRequest("models:/cnn@champion", str(data["shifted"])), client=make_client(uri))
     assert clean.score < shifted.score
     assert clean.provider == "cpu" and clean.n_samples == 300 and clean.model_version == "1"
     json.dumps(clean.to_dict())  # XCom-safe
@@ -80,8 +80,8 @@ def test_gate_run_metric_tags_and_decisions(registry):
 def test_retry_of_one_task_instance_leaves_one_gate_run(registry):
     uri, data = registry
     req = GateRequest("models:/cnn@champion", str(data["clean"]))
-    first = run_gate(req, tracking_uri=uri, airflow=AirflowInfo("d", "r1", "gate", 1))
-    second = run_gate(req, tracking_uri=uri, airflow=AirflowInfo("d", "r1", "gate", 2))
+    first = run_gate(req, client=make_client(uri), origin=Origin("d", "r1", "gate", 1))
+    second = run_gate(req, client=make_client(uri), origin=Origin("d", "r1", "gate", 2))
     active = gate_runs(uri)
     assert [r.info.run_id for r in active] == [second.gate_run_id]
     assert first.gate_run_id in {r.info.run_id for r in gate_runs(uri, view="all")}  # kept, soft-deleted
@@ -90,19 +90,19 @@ def test_retry_of_one_task_instance_leaves_one_gate_run(registry):
 
 def test_failures_leave_tags_unchanged(registry, tmp_path):
     uri, data = registry
-    ok = run_gate(GateRequest("models:/cnn@champion", str(data["clean"])), tracking_uri=uri)
+    ok = run_gate(GateRequest("models:/cnn@champion", str(data["clean"])), client=make_client(uri))
     before = mv_tags(uri)
     with pytest.raises(RegistryError, match=r"has no alias 'prod'; it has \['champion'\]"):
-        run_gate(GateRequest("models:/cnn@prod", str(data["clean"])), tracking_uri=uri)
+        run_gate(GateRequest("models:/cnn@prod", str(data["clean"])), client=make_client(uri))
     with pytest.raises(RegistryError, match="no registered model named 'nope'"):
-        run_gate(GateRequest("models:/nope@champion", str(data["clean"])), tracking_uri=uri)
+        run_gate(GateRequest("models:/nope@champion", str(data["clean"])), client=make_client(uri))
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
     with pytest.raises(ResqueInputError, match="cannot read shard"):
-        run_gate(GateRequest("models:/cnn@champion", str(tmp_path / "junk.npz")), tracking_uri=uri)
+        run_gate(GateRequest("models:/cnn@champion", str(tmp_path / "junk.npz")), client=make_client(uri))
     with pytest.raises(ResqueInputError, match="reuse_threshold"):
         run_gate(
             GateRequest("models:/cnn@champion", str(data["clean"]), reuse_threshold=0.5, rebuild_threshold=0.1),
-            tracking_uri=uri,
+            client=make_client(uri),
         )
     failed = [r for r in gate_runs(uri) if r.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags[names.STATUS_TAG] == "failed"
@@ -112,7 +112,7 @@ def test_failures_leave_tags_unchanged(registry, tmp_path):
     model_file = f"{source}/model.onnx"
     flip_byte(model_file, -10)
     with pytest.raises(FingerprintError, match="recompute the fingerprint"):
-        run_gate(GateRequest("models:/cnn@champion", str(data["clean"])), tracking_uri=uri)
+        run_gate(GateRequest("models:/cnn@champion", str(data["clean"])), client=make_client(uri))
     assert mv_tags(uri) == before and before[names.MV_TAG_GATE_RUN] == ok.gate_run_id
 
 
@@ -171,8 +171,8 @@ def test_shard_summaries_merge_to_the_single_pass_score(registry, tmp_path, writ
                 ShardHeader(fp.model_sha256, fp.layer, stats.n_samples, str(part), stats.data_hash, True),
             )
         )
-    merged = run_gate(GateRequest("models:/cnn@champion", "", shard_summaries=shards[::-1]), tracking_uri=uri)
-    single = run_gate(GateRequest("models:/cnn@champion", str(data["shifted"])), tracking_uri=uri)
+    merged = run_gate(GateRequest("models:/cnn@champion", "", shard_summaries=shards[::-1]), client=make_client(uri))
+    single = run_gate(GateRequest("models:/cnn@champion", str(data["shifted"])), client=make_client(uri))
     assert merged.score == pytest.approx(single.score, abs=1e-9) and merged.n_samples == 300
     assert not list((tmp_path / "shards").glob(".*.tmp"))
     np.testing.assert_equal(merged.decision, single.decision)

@@ -92,5 +92,7 @@ class MlflowHook(BaseHook):
         try:
             self.get_client().search_experiments(max_results=1)
         except Exception as exc:
-            return False, str(exc).splitlines()[0]
+            from resque_airflow.errors import first_line
+
+            return False, first_line(exc)
         return True, f"reached MLflow at {self.tracking_uri}"

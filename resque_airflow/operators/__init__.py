@@ -1,1 +1,1 @@
-"""Airflow operators: the gate and the shard scorer."""
+"""Airflow operators: the gate, the shard scorer, and the reuse / retrain / rebuild branches."""

@@ -1,4 +1,8 @@
-"""``ResqueGateOperator``: score new data against the production model in MLflow and branch on the decision."""
+"""``ResqueGateOperator``: score new data against the production model in MLflow and branch on the decision.
+
+``ResqueGateError`` and ``ResqueBadInputError`` are importable from here (they live in
+:mod:`resque_airflow.operators.errors`, shared by every operator).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,16 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseBranchOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from resque_airflow.operators.errors import ResqueBadInputError, ResqueGateError, reported_to_airflow
+from resque_airflow.registry.client import ModelRef
 
 if TYPE_CHECKING:
     from airflow.sdk.definitions.context import Context
 
+    from resque_airflow.registry.gate import GateRequest, Origin
+
 log = logging.getLogger(__name__)
-
-
-class ResqueGateError(AirflowException):
-    """The gate could not decide. The message says what failed and where to look; Airflow may retry it."""
-
-
-class ResqueBadInputError(ResqueGateError, AirflowFailException):
-    """The gate's input is wrong (data, model, fingerprint, parameters): retrying cannot help, so it fails fast."""
 
 
 class ResqueGateOperator(BaseBranchOperator):
@@ -114,60 +114,44 @@ class ResqueGateOperator(BaseBranchOperator):
 
     @property
     def model_uri(self) -> str:
-        if self.model_version not in (None, ""):
-            return f"models:/{self.model_name}/{self.model_version}"
-        return f"models:/{self.model_name}@{self.model_alias}"
+        """The ``models:/`` URI of the version to gate (as spelled; checked when the gate runs)."""
+        return ModelRef.spell(self.model_name, self.model_alias, self.model_version)
 
-    def branch_for(self, decision) -> list[str]:
-        """Task (or task-group) ids to follow for ``decision``."""
-        target = {
-            "reuse": self.reuse_task_id if self.reuse_task_id else self.retrain_task_id,
-            "retrain": self.retrain_task_id,
-            "rebuild": self.rebuild_task_id,
-        }[str(decision)]
-        return [target] if isinstance(target, str) else list(target)
+    def routes(self) -> dict[str, list[str]]:
+        """Task (or task-group) ids to follow for each decision: reuse falls back to retrain without a reuse branch."""
+        return {
+            "reuse": _ids(self.reuse_task_id or self.retrain_task_id),
+            "retrain": _ids(self.retrain_task_id),
+            "rebuild": _ids(self.rebuild_task_id),
+        }
 
     def choose_branch(self, context: Context) -> list[str]:
         """Run the gate and return the branch for its decision; the full result is kept in ``self.outcome``."""
-        from resque_airflow.errors import ResqueInputError
         from resque_airflow.hooks.mlflow import MlflowHook
-        from resque_airflow.registry.gate import AirflowInfo, GateRequest, run_gate
+        from resque_airflow.registry.gate import run_gate
 
-        ti = context["ti"]
-        request = GateRequest(
+        origin = _origin(context["ti"])
+        with reported_to_airflow(
+            "gate", model_uri=self.model_uri, experiment=self.experiment_name, gate_key=origin.key,
+            connection=self.mlflow_conn_id,
+        ):  # fmt: skip
+            request = self.request()
+            client = MlflowHook(self.mlflow_conn_id).get_client()
+            outcome = run_gate(request, client=client, routes=self.routes(), origin=origin, progress=_LogProgress())
+        self.outcome = outcome.to_dict(per_class=False)
+        return outcome.branch
+
+    def request(self) -> GateRequest:
+        """The gate request of the rendered arguments (thresholds rendered as text become numbers or None)."""
+        from resque_airflow.registry.gate import GateRequest
+
+        return GateRequest(
             model_uri=self.model_uri, data=str(self.data), mode=self.mode, label_source=self.labels, layer=self.layer,
-            provider=self.provider, reuse_threshold=self.reuse_threshold, rebuild_threshold=self.rebuild_threshold,
+            provider=self.provider, reuse_threshold=_threshold("reuse_threshold", self.reuse_threshold),
+            rebuild_threshold=_threshold("rebuild_threshold", self.rebuild_threshold),
             experiment_name=self.experiment_name, batch_size=self.batch_size,
             shard_summaries=None if self.shard_summaries is None else [str(u) for u in self.shard_summaries],
         )  # fmt: skip
-        map_index = getattr(ti, "map_index", None)
-        airflow = AirflowInfo(
-            dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=int(ti.try_number or 1),
-            map_index=-1 if map_index is None else int(map_index),  # 0 is a map index, not "unmapped"
-        )  # fmt: skip
-        where = f"MLflow experiment {self.experiment_name!r} (connection {self.mlflow_conn_id!r})"
-        try:
-            hook = MlflowHook(self.mlflow_conn_id)
-            hook.configure_credentials()  # run_gate builds its client from the URI: a server behind auth needs them
-            outcome = run_gate(
-                request,
-                tracking_uri=hook.tracking_uri,
-                registry_uri=hook.registry_uri,
-                airflow=airflow,
-                branch_for=self.branch_for,
-                progress=_LogProgress(),
-            )
-        except ResqueInputError as exc:
-            raise ResqueBadInputError(f"RESQUE gate on {self.model_uri}: bad input: {exc}") from exc
-        except Exception as exc:
-            if isinstance(exc, AirflowException):
-                raise
-            raise ResqueGateError(
-                f"RESQUE gate on {self.model_uri} failed: {type(exc).__name__}: {exc}. Look at the task log and the "
-                f"gate runs in {where}"
-            ) from exc
-        self.outcome = outcome.to_dict(per_class=False)
-        return outcome.branch
 
     def execute(self, context: Context) -> dict:
         branch = self.choose_branch(context)
@@ -176,6 +160,39 @@ class ResqueGateOperator(BaseBranchOperator):
         context["ti"].xcom_push(key="return_value", value=self.outcome)
         self.do_branch(context, branch)
         return self.outcome
+
+
+def _ids(target: str | Iterable[str]) -> list[str]:
+    return [target] if isinstance(target, str) else list(target)
+
+
+def _threshold(name: str, value: object) -> float | None:
+    """A threshold argument as the gate takes it: a number, or None for the measured default.
+
+    Without ``render_template_as_native_obj`` a templated threshold renders as text: ``"0.2"``, or ``"None"`` (and
+    ``""``) for a param left unset.
+    """
+    from resque_airflow.errors import ResqueInputError
+
+    if not isinstance(value, str):
+        return value
+    if value.strip() in ("", "None"):
+        return None
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ResqueInputError(f"{name}: expected a number in [0, 1], got {value!r}") from exc
+
+
+def _origin(ti) -> Origin:
+    """The gate's origin: this task instance (a retry of it replaces its earlier try's gate run)."""
+    from resque_airflow.registry.gate import Origin
+
+    map_index = getattr(ti, "map_index", None)
+    return Origin(
+        dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=int(ti.try_number or 1),
+        map_index=-1 if map_index is None else int(map_index),  # 0 is a map index, not "unmapped"
+    )  # fmt: skip
 
 
 class _LogProgress:
@@ -194,3 +211,6 @@ class _LogProgress:
                 log.info("scoring: %d%% (%d / %d samples)", pct, done, total)
         elif self.calls % 10 == 0:
             log.info("scoring: %d samples", done)
+
+
+__all__ = ["ResqueBadInputError", "ResqueGateError", "ResqueGateOperator"]

@@ -7,13 +7,13 @@ nothing in Airflow 3, so the decision must be taken after the fan-in.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from resque_airflow.operators.gate import ResqueBadInputError, ResqueGateError
+from resque_airflow.operators.errors import reported_to_airflow
+from resque_airflow.registry.client import ModelRef
 
 if TYPE_CHECKING:
     from airflow.sdk.definitions.context import Context
@@ -58,36 +58,13 @@ class ResqueShardOperator(BaseOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> str:
-        from resque_airflow.errors import ResqueInputError
         from resque_airflow.hooks.mlflow import MlflowHook
-        from resque_airflow.registry.artifacts import fetch_model
-        from resque_airflow.registry.client import ModelRef, resolve_version
-        from resque_airflow.runtime.embed import Embedder
-        from resque_airflow.runtime.pipeline import summarise
-        from resque_airflow.runtime.shards import ShardHeader, write_shard
+        from resque_airflow.registry.shard import summarise_shard
 
         ti = context["ti"]
-        uri = (
-            f"models:/{self.model_name}/{self.model_version}"
-            if self.model_version
-            else f"models:/{self.model_name}@{self.model_alias}"
-        )
+        uri = ModelRef.spell(self.model_name, self.model_alias, self.model_version)
         out = f"{str(self.output_uri).rstrip('/')}/{ti.dag_id}/{ti.run_id}/{ti.task_id}-{ti.map_index}.npz"
-        try:
+        with reported_to_airflow("shard", model_uri=uri, data=str(self.data), connection=self.mlflow_conn_id):
             client = MlflowHook(self.mlflow_conn_id).get_client()
-            version = resolve_version(client, ModelRef.parse(uri))
-            with tempfile.TemporaryDirectory(prefix="resque-shard-") as tmp:
-                fetched = fetch_model(client, version, tmp)
-                fp = fetched.fingerprint
-                embedder = Embedder(fetched.model_path.read_bytes(), layer=fp.layer, provider=self.provider)
-                summary, stats = summarise(embedder, fp, str(self.data), batch_size=self.batch_size)
-            header = ShardHeader(
-                fp.model_sha256, fp.layer, stats.n_samples, str(self.data), stats.data_hash, bool(stats.labelled)
-            )
-            write_shard(out, summary, header)
-        except ResqueInputError as exc:
-            raise ResqueBadInputError(f"RESQUE shard {self.data}: bad input: {exc}") from exc
-        except Exception as exc:
-            raise ResqueGateError(f"RESQUE shard {self.data} on {uri} failed: {type(exc).__name__}: {exc}") from exc
-        self.log.info("shard %s: %d samples summarised to %s", self.data, stats.n_samples, out)
-        return out
+            ref = ModelRef.of(self.model_name, self.model_alias, self.model_version)
+            return summarise_shard(client, ref, str(self.data), out, provider=self.provider, batch_size=self.batch_size)

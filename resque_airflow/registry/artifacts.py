@@ -9,7 +9,7 @@ from pathlib import Path
 
 from resque_airflow.core.fingerprint import Fingerprint, sha256_file
 from resque_airflow.errors import FingerprintError, ModelError, RegistryError
-from resque_airflow.registry.client import registry_call
+from resque_airflow.registry.client import ModelRef, registry_call
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def fetch_model(client, version, dst: str | os.PathLike, *, need_fingerprint: bo
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    uri = f"models:/{version.name}/{version.version}"
+    uri = ModelRef.spell(version.name, version=version.version)
     # The version's own artifact location, downloaded with this client's tracking URI: resolving ``models:/``
     # through mlflow.artifacts would consult the process-wide registry URI instead.
     source = registry_call(f"locating {uri}", client.get_model_version_download_uri, version.name, version.version)

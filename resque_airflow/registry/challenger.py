@@ -16,7 +16,7 @@ import numpy as np
 from resque_airflow.errors import ResqueInputError
 from resque_airflow.registry import names
 from resque_airflow.registry.client import make_client, registry_call
-from resque_airflow.registry.publish import TORCH_FACTORY_TAG, publish_model
+from resque_airflow.registry.publish import publish_model
 from resque_airflow.runtime.readers import DataSource
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,13 @@ def load_labelled(uri: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_torch_model(client, version, *, fresh: bool, seed: int):
+    """The torch model of ``version`` (from its factory tag): its stored weights, or fresh ones for a rebuild."""
     import importlib
 
     import mlflow.artifacts
     import torch
 
-    factory_ref = version.tags.get(TORCH_FACTORY_TAG)
+    factory_ref = version.tags.get(names.TORCH_FACTORY_TAG)
     if not factory_ref:
         raise ResqueInputError(
             f"model {version.name} version {version.version} has no torch factory on file; publish it with "
@@ -102,7 +103,7 @@ def train_challenger(
     version = registry_call("reading the gated version", client.get_model_version, name, source_version)
     model, factory_ref = _load_torch_model(client, version, fresh=fresh, seed=seed)
     source_run = registry_call("reading the source run", client.get_run, version.run_id)
-    reference_accuracy = source_run.data.metrics.get("reference_accuracy")
+    reference_accuracy = source_run.data.metrics.get(names.REFERENCE_ACCURACY_METRIC)
     layer = source_run.data.params.get("layer")
     if reference_accuracy is None:
         raise ResqueInputError(f"model {name} version {source_version} has no reference accuracy on file")

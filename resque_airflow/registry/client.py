@@ -1,4 +1,5 @@
-"""MLflow client construction and model-version resolution (aliases, no stages)."""
+"""The one home of what every MLflow caller shares: the client, the spelling of a model URI (:class:`ModelRef`),
+model-version resolution (aliases, no stages), the quoting of search filters and the formatting of MLflow times."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from resque_airflow.errors import NotRegisteredError, RegistryError, ResqueInputError
+from resque_airflow.errors import NotRegisteredError, RegistryError, ResqueInputError, first_line
 
 _URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -72,12 +73,23 @@ class ModelRef:
     alias: str | None = None
     version: str | None = None
 
+    @staticmethod
+    def spell(name: str, alias: str | None = None, version: str | int | None = None) -> str:
+        """The ``models:/`` URI of ``version`` of ``name`` when a version is given, else of its ``alias``; unchecked.
+
+        What an error message names when the parts do not make a valid reference.
+
+        >>> ModelRef.spell("cnn", "champion"), ModelRef.spell("cnn", "champion", 3)
+        ('models:/cnn@champion', 'models:/cnn/3')
+        """
+        if version not in (None, ""):
+            return f"models:/{name}/{version}"
+        return f"models:/{name}@{alias}"
+
     @classmethod
     def of(cls, name: str, alias: str | None = None, version: str | int | None = None) -> ModelRef:
         """The reference to ``version`` of ``name`` when a version is given, else to its ``alias``."""
-        if version not in (None, ""):
-            return cls.parse(f"models:/{name}/{version}")
-        return cls.parse(f"models:/{name}@{alias}")
+        return cls.parse(cls.spell(name, alias, version))
 
     @classmethod
     def parse(cls, uri: str) -> ModelRef:
@@ -87,7 +99,7 @@ class ModelRef:
         return cls(m["name"], m["alias"], m["version"])
 
     def __str__(self) -> str:
-        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+        return self.spell(self.name, self.alias, None if self.alias else self.version)
 
 
 def registry_call(what: str, fn, *args, **kwargs):
@@ -99,7 +111,7 @@ def registry_call(what: str, fn, *args, **kwargs):
     except MlflowException as exc:
         if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise RegistryError(f"MLflow: {what} failed: {str(exc).splitlines()[0][:300]}") from exc
+        raise RegistryError(f"MLflow: {what} failed: {first_line(exc)}") from exc
     except (OSError, ConnectionError) as exc:
         raise RegistryError(f"MLflow: {what} failed (registry unreachable?): {exc}") from exc
 

@@ -5,38 +5,50 @@ failure never leaves a half-written trail:
 
 1. validate the request (thresholds, mode, label source) before touching the registry;
 2. resolve the alias or version, download the model and fingerprint, check the sha256;
-3. open the gate run (one per Airflow task instance: an earlier try's run is soft-deleted);
+3. open the gate run (one per task instance of an :class:`Origin`: an earlier try's run is soft-deleted);
 4. score; on any error the run is marked FAILED with ``resque.status=failed`` and no model-version tag changes;
 5. log metrics, the result artifact and the decision, close the run FINISHED (its end time is the gate's time);
-6. only then tag the model version (newest gate wins, see :func:`_tag_model_version`).
+6. only then tag the model version (newest gate wins, see :func:`~.tags.tag_model_version`).
 
 Registry failures anywhere in steps 2-6 surface as :class:`RegistryError` (the CLI's exit code 3; a retryable
-``ResqueGateError`` in Airflow). MLflow's own HTTP retries are bounded by :func:`~.client.make_client`.
+``ResqueGateError`` in Airflow). MLflow's own HTTP retries are bounded by :func:`~.client.make_client`. Whatever
+fails, :func:`failed_at` tells which step it was and which gate run (if one was opened) is marked failed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import random
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
 
 from resque_airflow.core.decision import DEFAULT_THRESHOLDS, Decision, Thresholds, decide
 from resque_airflow.core.summary import LABEL_SOURCES
-from resque_airflow.errors import RegistryError, ResqueInputError
+from resque_airflow.errors import RegistryError, ResqueInputError, check_choice, first_line
 from resque_airflow.registry import names
-from resque_airflow.registry.artifacts import fetch_model
-from resque_airflow.registry.client import ModelRef, ensure_experiment, make_client, registry_call, resolve_version
+from resque_airflow.registry.artifacts import FetchedModel, fetch_model
+from resque_airflow.registry.client import (
+    ModelRef,
+    ensure_experiment,
+    iso_time,
+    registry_call,
+    resolve_version,
+    search_literal,
+)
+from resque_airflow.registry.tags import tag_model_version
 from resque_airflow.runtime import pipeline
 
 log = logging.getLogger(__name__)
 
 MODES = ("dist", "task")
-LAST_GATE_TAG = "resque.last_gate"  # one JSON tag with everything, written in a single call
+# With given labels: below this x the reference accuracy (a retrain's target) the model is never reused.
+ACCURACY_TARGET_RELATIVE = 0.95
+
+Routes = Mapping[str, Sequence[str]]  # decision value ("reuse", "retrain", "rebuild") -> ids to follow
 
 
 @dataclass
@@ -53,29 +65,20 @@ class GateRequest:
     rebuild_threshold: float | None = None
     experiment_name: str = names.DEFAULT_EXPERIMENT
     batch_size: int = pipeline.DEFAULT_BATCH_SIZE
-    cost_aware: bool = True  # with enough retrain history, decide retrain vs rebuild on predicted cost
-    accuracy_target_relative: float = 0.95  # with given labels: below this x reference accuracy, never reuse
     shard_summaries: list[str] | None = None  # fan-in: score merged shard summaries instead of reading ``data``
 
     def thresholds(self) -> Thresholds:
-        if self.mode not in MODES:
-            raise ResqueInputError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        """The thresholds to decide with: the ones given, else the measured defaults of the mode."""
+        check_choice("mode", self.mode, MODES)
         default = DEFAULT_THRESHOLDS[self.mode]
-        for name in ("reuse_threshold", "rebuild_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, str):  # a rendered template without native rendering
-                try:
-                    setattr(self, name, None if value.strip() in ("", "None") else float(value))
-                except ValueError as exc:
-                    raise ResqueInputError(f"{name}: expected a number in [0, 1], got {value!r}") from exc
         return Thresholds(
             reuse=default.reuse if self.reuse_threshold is None else self.reuse_threshold,
             rebuild=default.rebuild if self.rebuild_threshold is None else self.rebuild_threshold,
         ).validate()
 
     def validate(self) -> Thresholds:
-        if self.label_source not in LABEL_SOURCES:
-            raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {self.label_source!r}")
+        """Check everything that can be checked without the registry; returns :meth:`thresholds`."""
+        check_choice("labels", self.label_source, LABEL_SOURCES)
         if not self.data and not self.shard_summaries:
             raise ResqueInputError("data: empty; give a path or URL of the incoming data")
         if self.shard_summaries is not None and self.mode != "dist":
@@ -85,8 +88,11 @@ class GateRequest:
 
 
 @dataclass(frozen=True)
-class AirflowInfo:
-    """Where a gate ran from, when run by Airflow."""
+class Origin:
+    """The task instance a gate ran for (an Airflow task instance, or any scheduler's equivalent).
+
+    A retry of the same instance (same :attr:`key`) replaces the earlier try's gate run.
+    """
 
     dag_id: str
     run_id: str
@@ -97,6 +103,13 @@ class AirflowInfo:
     @property
     def key(self) -> str:
         return f"{self.dag_id}/{self.run_id}/{self.task_id}/{self.map_index}"
+
+    def params(self) -> dict[str, object]:
+        """The gate run's params naming this origin (``names.GATE_PARAMS``: ``airflow_*``, public interface)."""
+        return {
+            "airflow_dag_id": self.dag_id, "airflow_run_id": self.run_id, "airflow_task_id": self.task_id,
+            "airflow_try_number": self.try_number,
+        }  # fmt: skip
 
 
 @dataclass
@@ -125,6 +138,16 @@ class GateOutcome:
     layer: str = ""
     seconds: float = 0.0
 
+    @classmethod
+    def from_result(cls, result: pipeline.ScoreResult, **gate: Any) -> GateOutcome:
+        """The outcome of ``result``: the fields a score result shares with the outcome, and ``gate`` for the rest.
+
+        ``gate`` wins where both name a field (``mode``, ``data_uri`` and ``seconds`` are the gate's, not the pass's).
+        """
+        ours = {f.name for f in fields(cls)}
+        shared = {k: v for k, v in result.to_dict().items() if k in ours}  # per_class keys as text, as in JSON
+        return cls(**(shared | gate))
+
     def to_dict(self, *, per_class: bool = True) -> dict:
         out = asdict(self)
         if not per_class:
@@ -132,335 +155,189 @@ class GateOutcome:
         return out
 
 
-def _open_gate_run(client, experiment_name: str, tags: dict, airflow: AirflowInfo | None) -> tuple[str, str]:
-    """Create the gate run; returns ``(run_id, experiment_id)``."""
-    exp_id = ensure_experiment(client, experiment_name)
-    if airflow is not None:
-        # One gate run per task instance: a retry replaces the earlier try's run (soft delete, restorable).
-        key = search_literal(airflow.key)
-        if key is None:  # Airflow's run ids hold no quotes; refuse rather than keep two runs for one instance
-            raise ResqueInputError(f"airflow: task instance key {airflow.key!r} holds both kinds of quote")
-        earlier = registry_call(
-            "looking for an earlier try",
-            client.search_runs,
-            [exp_id],
-            filter_string=f"tags.`{names.GATE_KEY_TAG}` = {key}",
-        )
-        for run in earlier:
-            log.info("replacing gate run %s of an earlier try of %s", run.info.run_id, airflow.key)
-            registry_call("replacing the earlier try's gate run", client.delete_run, run.info.run_id)
-    run = registry_call("creating the gate run", client.create_run, exp_id, tags=tags, run_name="resque-gate")
-    return run.info.run_id, exp_id
+class _Verdict(NamedTuple):
+    """What decided, and the cost prediction when the cost model did (None otherwise)."""
+
+    decision: Decision
+    policy: str
+    prediction: dict | None = None
 
 
-def search_literal(value: str) -> str | None:
-    """``value`` as a string literal of an MLflow search filter, or None when it cannot be written as one.
+@dataclass
+class _Gate:
+    """One gate in progress: what its steps share, and how far it got (attached to an error by :func:`run_gate`)."""
 
-    MLflow's filter parser takes single- or double-quoted strings without escapes: a value holding one kind of
-    quote is written with the other; one holding both cannot be searched for.
+    client: Any
+    request: GateRequest
+    origin: Origin | None
+    stage: str = "validating the request"
+    thresholds: Thresholds | None = None
+    ref: ModelRef | None = None
+    version: Any = None  # mlflow ModelVersion
+    fetched: FetchedModel | None = None
+    run_id: str | None = None
+    exp_id: str | None = None
+
+
+# Attributes run_gate sets on the exception it re-raises (read them with failed_at).
+_STAGE_ATTR = "resque_gate_stage"
+_RUN_ATTR = "resque_gate_run_id"
+
+
+def failed_at(exc: BaseException) -> tuple[str | None, str | None]:
+    """``(stage, gate run id)`` of a gate that raised ``exc``: what it was doing, and the run marked failed.
+
+    Both are None for an exception that did not come out of :func:`run_gate`; the run id is None when the gate
+    failed before opening its run.
     """
-    value = str(value)
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    return None
-
-
-def _iso(ms: int) -> str:
-    """The gate time as written in ``resque.last_gate``: ISO 8601, UTC, milliseconds (sorts as text)."""
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _order(payload: dict | None) -> tuple[str, str]:
-    """Sort key of a gate result: its time, then its run id (so that two gates in the same millisecond agree)."""
-    if not payload:
-        return ("", "")
-    return (str(payload.get("time", "")), str(payload.get("run_id", "")))
-
-
-def _tag_payload(tags: dict) -> dict | None:
-    """The JSON tag ``resque.last_gate`` of a model version, or None when absent or damaged."""
-    try:
-        payload = json.loads(tags.get(LAST_GATE_TAG) or "null")
-    except ValueError:
-        return None
-    if not isinstance(payload, dict) or not {"score", "decision", "run_id", "time", "mode"} <= set(payload):
-        return None
-    return payload
-
-
-def _derived(payload: dict) -> dict[str, str]:
-    """Every model-version tag a gate result sets; the individual ``resque.last_*`` tags derive from the JSON one."""
-    # The score as a Python float: the same result read back from a run's metric must give the same text.
-    payload = {k: payload[k] for k in ("score", "decision", "run_id", "time", "mode")} | {
-        "score": float(payload["score"])
-    }
-    out = {tag: str(payload[key]) for tag, key in _MV_FIELDS}
-    out[LAST_GATE_TAG] = json.dumps(payload)
-    return out
-
-
-_MV_FIELDS = (
-    (names.MV_TAG_SCORE, "score"), (names.MV_TAG_DECISION, "decision"), (names.MV_TAG_GATE_RUN, "run_id"),
-    (names.MV_TAG_TIME, "time"), (names.MV_TAG_MODE, "mode"),
-)  # fmt: skip
-_TAG_ROUNDS = 8  # bound on write-and-verify rounds under contention; two suffice without a concurrent gate
-
-
-def _newest_finished_gate(client, exp_id: str, name: str, version: str) -> dict | None:
-    """The newest decided gate run of ``name``/``version`` in ``exp_id``, as a tag payload (None if there is none)."""
-    name_literal, version_literal = search_literal(name), search_literal(version)
-    if name_literal is None or version_literal is None:
-        return None  # the tags alone then decide: still newest-wins, without the repair of a lost update
-    runs = client.search_runs(
-        [exp_id],
-        filter_string=(
-            f"tags.`{names.MODEL_NAME_TAG}` = {name_literal} and tags.`{names.MODEL_VERSION_TAG}` = "
-            f"{version_literal} and tags.`{names.STATUS_TAG}` = 'decided' and attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.end_time DESC"],
-        max_results=20,  # enough to break ties of equal end times by run id
-    )
-    best = None
-    for run in runs:
-        score = run.data.metrics.get(names.SCORE_METRIC)
-        if run.info.end_time is None or score is None or names.DECISION_TAG not in run.data.tags:
-            continue
-        payload = {
-            "score": score, "decision": run.data.tags[names.DECISION_TAG], "run_id": run.info.run_id,
-            "time": _iso(run.info.end_time), "mode": run.data.params.get("mode", ""),
-        }  # fmt: skip
-        if _order(payload) > _order(best):
-            best = payload
-    return best
-
-
-# How a database reports two writers inserting the same tag at once (SQLite, MySQL, PostgreSQL), through MLflow.
-_WRITE_CONFLICT = ("UNIQUE constraint failed", "IntegrityError", "Duplicate entry", "duplicate key value")
-
-
-def _set_tag_or_yield(client, name: str, version: str, tag: str, value: str) -> bool:
-    """Set one model-version tag; False when a concurrent writer of the same tag won the race.
-
-    MLflow's SQL store sets a tag as "look up, then insert or update": two gates setting a tag that neither saw
-    both insert, and the second gets an integrity error (HTTP 400 from a server, which MLflow does not retry).
-    Losing that race is not a failure: the caller re-reads the tags and verifies them.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.set_model_version_tag(name, version, tag, value)
-        return True
-    except MlflowException as exc:
-        if not any(marker in str(exc) for marker in _WRITE_CONFLICT):
-            raise
-        log.info("model version %s/%s: tag %s written concurrently by another gate; verifying", name, version, tag)
-        time.sleep(random.uniform(0.0, 0.2))  # let the other writer finish its round before reading
-        return False
-
-
-def _tag_model_version(client, name: str, version: str, payload: dict, exp_id: str | None = None) -> bool:
-    """Leave the model-version tags naming the newest gate (by time, then run id). Returns whether it is ours.
-
-    MLflow has no transaction over several tags, and no compare-and-set: a plain "read, compare, write" lets an
-    older gate that read before a newer one wrote overwrite it, and lets the tags of two gates interleave. So
-    each gate writes and then verifies, until the tags agree with the newest result it can see: its own, the
-    newest decided gate run of the same model version in its experiment (gate runs are closed before tagging
-    starts, so they are the durable record), or the JSON tag already there. Within a round the individual
-    ``resque.last_*`` tags are written first and ``resque.last_gate`` (the authoritative record) last. Two gates
-    inserting the same tag at once is a lost race, not an error (:func:`_set_tag_or_yield`).
-
-    Guarantee: the gate that writes last verifies after its last write, so once every gate has returned the tags
-    are all equal to the fields of ``resque.last_gate`` and name the newest decided gate. A damaged JSON tag is
-    overwritten.
-    """
-    ours = payload
-    for _ in range(_TAG_ROUNDS):
-        tags = dict(client.get_model_version(name, version).tags)
-        candidates = [ours, _tag_payload(tags)]
-        if exp_id is not None:
-            candidates.append(_newest_finished_gate(client, exp_id, name, version))
-        newest = max((c for c in candidates if c), key=_order)
-        wanted = _derived(newest)
-        if all(tags.get(k) == v for k, v in wanted.items()):
-            if newest is not ours:
-                log.info("model version %s/%s carries a newer gate result (%s); leaving it", name, version,
-                         newest["run_id"])  # fmt: skip
-            return newest is ours
-        for tag, value in wanted.items():  # dicts keep insertion order: resque.last_gate comes last
-            if tags.get(tag) != value and not _set_tag_or_yield(client, name, version, tag, value):
-                break  # another gate wrote this tag at the same moment: re-read, then verify
-    log.warning(
-        "model version %s/%s: tags still changing after %d rounds; a concurrent gate is tagging and will verify them",
-        name, version, _TAG_ROUNDS,
-    )  # fmt: skip
-    return False
+    return getattr(exc, _STAGE_ATTR, None), getattr(exc, _RUN_ATTR, None)
 
 
 def run_gate(
     request: GateRequest,
     *,
-    tracking_uri: str,
-    registry_uri: str | None = None,
-    airflow: AirflowInfo | None = None,
-    branch_for: Callable[[Decision], list[str]] | None = None,
+    client,
+    routes: Routes | None = None,
+    origin: Origin | None = None,
     progress: pipeline.Progress | None = None,
 ) -> GateOutcome:
-    """Run one gate end to end; see the module docstring for the order of work and failure guarantees."""
-    from mlflow.entities import Metric, Param, RunTag
+    """Run one gate end to end with the MLflow ``client`` (:func:`~.client.make_client`).
 
-    thresholds = request.validate()
-    ref = ModelRef.parse(request.model_uri)
-    client = make_client(tracking_uri, registry_uri)
-    version = resolve_version(client, ref)
+    ``routes`` maps each decision value to the task ids to follow (the outcome's ``branch``; None without routes);
+    ``origin`` names the task instance, so that a retry replaces its earlier try's run. See the module docstring
+    for the order of work and failure guarantees.
+    """
+    gate = _Gate(client, request, origin)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="resque-gate-") as tmp:
-        fetched = fetch_model(client, version, tmp, need_fingerprint=request.mode == "dist")
-        tags = {
-            names.KIND_TAG: names.KIND_GATE,
-            names.STATUS_TAG: "scoring",
-            names.MODEL_NAME_TAG: ref.name,
-            names.MODEL_VERSION_TAG: str(version.version),
-        }
-        if airflow is not None:
-            tags[names.GATE_KEY_TAG] = airflow.key
-        run_id, exp_id = _open_gate_run(client, request.experiment_name, tags, airflow)
-        params = {
-            "model_name": ref.name, "model_version": version.version, "model_alias": ref.alias or "",
-            "model_sha256": fetched.sha256, "data_uri": request.data, "mode": request.mode,
-            "label_source": request.label_source, "reuse_threshold": thresholds.reuse,
-            "rebuild_threshold": thresholds.rebuild,
-        }  # fmt: skip
-        if airflow is not None:
-            params |= {
-                "airflow_dag_id": airflow.dag_id, "airflow_run_id": airflow.run_id, "airflow_task_id": airflow.task_id,
-                "airflow_try_number": airflow.try_number,
-            }  # fmt: skip
-        try:
-            registry_call(
-                "logging the gate's parameters",
-                client.log_batch,
-                run_id,
-                params=[Param(k, str(v)) for k, v in params.items()],
-            )
-            if request.shard_summaries is not None:
-                result = _score_shards(request, fetched)
-            elif request.mode == "dist":
-                result = pipeline.score_dist(
-                    fetched.model_path, fetched.fingerprint, request.data, label_source=request.label_source,
-                    provider=request.provider, batch_size=request.batch_size, progress=progress, model_ref=str(ref),
-                )  # fmt: skip
-            else:
-                fp = fetched.fingerprint
-                layer = fp.layer if fp and request.layer == "auto" else request.layer
-                result = pipeline.score_task(
-                    fetched.model_path, request.data, layer=layer,
-                    provider=request.provider, batch_size=request.batch_size,
-                    image_spec=fp.input_spec.image if fp else None, progress=progress,
-                )  # fmt: skip
-            ref_accuracy = fetched.fingerprint.summary.accuracy if fetched.fingerprint else None
-            decision, policy, prediction = _decide(client, version, request, result, thresholds, ref_accuracy)
-            branch = branch_for(decision) if branch_for else None
-            # One clock reading is the gate's time: the JSON tag's "time" and the run's end time, so that
-            # concurrent gates agree on which is newest whether they read the tag or the run.
-            stamp = int(time.time() * 1000)
-            now = _iso(stamp)
-            metrics = {names.SCORE_METRIC: result.score, "n_samples": result.n_samples, "n_classes": result.n_classes}
-            metrics |= {k: v for k, v in result.signals.items() if v is not None}
-            metrics |= {f"angle_class_{k}": v for k, v in result.per_class.items()}
-            if prediction is not None:
-                m = prediction["cost_metric"]
-                metrics |= {
-                    f"predicted_{m}": prediction["predicted"],
-                    f"predicted_{m}_low": prediction["low"],
-                    f"predicted_{m}_high": prediction["high"],
-                    "rebuild_cost": prediction["rebuild_cost"],
-                }
-            outcome = GateOutcome(
-                score=result.score, decision=decision.value, mode=request.mode, model_name=ref.name,
-                model_version=str(version.version), model_alias=ref.alias, gate_run_id=run_id,
-                provider=result.provider, n_samples=result.n_samples, n_classes=result.n_classes,
-                label_source=result.label_source, thresholds=thresholds.to_dict(), policy=policy, prediction=prediction,
-                data_uri=request.data, data_hash=result.data_hash, branch=branch, signals=result.signals,
-                per_class={str(k): v for k, v in result.per_class.items()}, layer=result.layer,
-                seconds=time.perf_counter() - t0,
-            )  # fmt: skip
-            registry_call(
-                "logging the gate's result",
-                client.log_batch,
-                run_id,
-                metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
-                params=[
-                    Param(k, str(v))
-                    for k, v in (
-                        ("provider", result.provider), ("layer", result.layer), ("data_hash", result.data_hash),
-                        ("n_samples", result.n_samples), ("n_classes", result.n_classes), ("policy", policy),
-                    )
-                ],
-                tags=[RunTag(names.DECISION_TAG, decision.value), RunTag(names.BRANCH_TAG, json.dumps(branch)),
-                      RunTag(names.POLICY_TAG, policy)],
-            )  # fmt: skip
-            registry_call(
-                "storing the gate result", client.log_dict, run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT
-            )
-            registry_call("marking the gate run decided", client.set_tag, run_id, names.STATUS_TAG, "decided")
-            registry_call("closing the gate run", client.set_terminated, run_id, "FINISHED", end_time=stamp)
-        except BaseException as exc:
-            _fail_run(client, run_id, exc)
-            raise
-    written = registry_call(
-        "tagging the model version",
-        _tag_model_version,
-        client,
-        ref.name,
-        str(version.version),
-        {"score": result.score, "decision": decision.value, "run_id": run_id, "time": now, "mode": request.mode},
-        exp_id,
-    )
+    try:
+        gate.thresholds = request.validate()
+        gate.ref = ModelRef.parse(request.model_uri)
+        gate.stage = "resolving the model version"
+        gate.version = resolve_version(client, gate.ref)
+        with tempfile.TemporaryDirectory(prefix="resque-gate-") as tmp:
+            gate.stage = "downloading the model"
+            gate.fetched = fetch_model(client, gate.version, tmp, need_fingerprint=request.mode == "dist")
+            gate.stage = "opening the gate run"
+            _open_gate_run(gate)
+            outcome, stamp = _score_and_record(gate, routes, progress, t0)
+        gate.stage = "tagging the model version"
+        record = {"score": outcome.score, "decision": outcome.decision, "run_id": gate.run_id, "time": iso_time(stamp),
+                  "mode": request.mode}  # fmt: skip
+        written = registry_call("tagging the model version", tag_model_version, client, gate.ref.name,
+                                outcome.model_version, record, gate.exp_id)  # fmt: skip
+    except BaseException as exc:
+        _attach(exc, gate)
+        raise
     log.info(
         "gate %s: RESQUE_%s=%.4f -> %s (version %s, %d samples, %s)%s",
-        ref, request.mode, result.score, decision.value, version.version, result.n_samples, result.provider,
-        "" if written else " [a newer gate already tagged this version]",
+        gate.ref, request.mode, outcome.score, outcome.decision, outcome.model_version, outcome.n_samples,
+        outcome.provider, "" if written else " [a newer gate already tagged this version]",
     )  # fmt: skip
     return outcome
 
 
-def _decide(client, version, request: GateRequest, result, thresholds: Thresholds, reference_accuracy: float | None):
-    """Thresholds decide reuse; above it, predicted cost against rebuild cost decides when history allows.
+def record_action(client, gate_run_id: str, action: str) -> None:
+    """Say on a gate run what the branch that followed it did (tag ``resque.action``, e.g. ``"reused"``)."""
+    registry_call(f"recording {action!r} on gate run {gate_run_id}", client.set_tag, gate_run_id, names.ACTION_TAG,
+                  action)  # fmt: skip
 
-    Accuracy guard: with given labels, the gate knows the model's accuracy on the new data. Below
-    ``accuracy_target_relative`` x its reference accuracy (the target a retrain must reach) the model cannot be
-    reused, whatever the score: information-destroying shifts (additive noise) can score low yet cost a retrain
-    (docs/EVIDENCE.md).
-    """
-    decision, policy = decide(result.score, thresholds), "thresholds"
-    acc_drop = result.signals.get("acc_drop")
-    if decision is Decision.REUSE and acc_drop is not None and reference_accuracy:
-        accuracy = reference_accuracy - acc_drop
-        if accuracy < request.accuracy_target_relative * reference_accuracy:
-            log.info(
-                "accuracy guard: accuracy %.3f is below %.2f x the reference %.3f; retrain despite RESQUE %.4f",
-                accuracy, request.accuracy_target_relative, reference_accuracy, result.score,
-            )  # fmt: skip
-            decision, policy = Decision.RETRAIN, "thresholds+accuracy"
-    if decision is Decision.REUSE or not request.cost_aware or request.mode != "dist":
-        return decision, policy, None
-    from resque_airflow.registry.history import cost_policy
 
-    cost = cost_policy(client, version, result.signals)
-    if cost is None:
-        return decision, policy, None
-    log.info(
-        "cost model (%d runs): predicted %s %.1f [%.1f, %.1f] vs rebuild %.1f -> %s",
-        cost.n_history, cost.cost_metric, cost.predicted, cost.low, cost.high, cost.rebuild_cost, cost.decision,
+def _attach(exc: BaseException, gate: _Gate) -> None:
+    """Record on ``exc`` where the gate failed (see :func:`failed_at`); the innermost gate's record is kept."""
+    if failed_at(exc) != (None, None):
+        return
+    try:
+        setattr(exc, _STAGE_ATTR, gate.stage)
+        setattr(exc, _RUN_ATTR, gate.run_id)
+    except (AttributeError, TypeError):  # an exception type without instance attributes: the message still says
+        pass
+
+
+def _open_gate_run(gate: _Gate) -> None:
+    """Create the gate run (replacing an earlier try's run of the same origin); sets ``run_id`` and ``exp_id``."""
+    client, origin = gate.client, gate.origin
+    gate.exp_id = ensure_experiment(client, gate.request.experiment_name)
+    tags = {
+        names.KIND_TAG: names.KIND_GATE, names.STATUS_TAG: names.STATUS_SCORING, names.MODEL_NAME_TAG: gate.ref.name,
+        names.MODEL_VERSION_TAG: str(gate.version.version),
+    }  # fmt: skip
+    if origin is not None:
+        tags[names.GATE_KEY_TAG] = origin.key
+        # One gate run per task instance: a retry replaces the earlier try's run (soft delete, restorable).
+        key = search_literal(origin.key)
+        if key is None:  # Airflow's run ids hold no quotes; refuse rather than keep two runs for one instance
+            raise ResqueInputError(f"airflow: task instance key {origin.key!r} holds both kinds of quote")
+        earlier = registry_call("looking for an earlier try", client.search_runs, [gate.exp_id],
+                                filter_string=f"tags.`{names.GATE_KEY_TAG}` = {key}")  # fmt: skip
+        for run in earlier:
+            log.info("replacing gate run %s of an earlier try of %s", run.info.run_id, origin.key)
+            registry_call("replacing the earlier try's gate run", client.delete_run, run.info.run_id)
+    run = registry_call("creating the gate run", client.create_run, gate.exp_id, tags=tags,
+                        run_name=names.GATE_RUN_NAME)  # fmt: skip
+    gate.run_id = run.info.run_id
+
+
+def _score_and_record(
+    gate: _Gate, routes: Routes | None, progress: pipeline.Progress | None, t0: float
+) -> tuple[GateOutcome, int]:
+    """Steps 4-5 in the open gate run; returns the outcome and the gate's time. On any error the run is failed."""
+    try:
+        gate.stage = "logging the gate's parameters"
+        _log_params(gate)
+        gate.stage = "scoring"
+        result = _score(gate, progress)
+        gate.stage = "deciding"
+        verdict = _decide(gate, result)
+        outcome = GateOutcome.from_result(
+            result, decision=verdict.decision.value, mode=gate.request.mode, model_name=gate.ref.name,
+            model_version=str(gate.version.version), model_alias=gate.ref.alias, gate_run_id=gate.run_id,
+            thresholds=gate.thresholds.to_dict(), policy=verdict.policy, prediction=verdict.prediction,
+            data_uri=gate.request.data, branch=None if routes is None else list(routes[verdict.decision.value]),
+            seconds=time.perf_counter() - t0,
+        )  # fmt: skip
+        gate.stage = "writing the result"
+        stamp = _write_result(gate, result, outcome)
+    except BaseException as exc:
+        _fail_run(gate.client, gate.run_id, exc)
+        raise
+    return outcome, stamp
+
+
+def _log_params(gate: _Gate) -> None:
+    from mlflow.entities import Param
+
+    request = gate.request
+    params = {
+        "model_name": gate.ref.name, "model_version": gate.version.version, "model_alias": gate.ref.alias or "",
+        "model_sha256": gate.fetched.sha256, "data_uri": request.data, "mode": request.mode,
+        "label_source": request.label_source, "reuse_threshold": gate.thresholds.reuse,
+        "rebuild_threshold": gate.thresholds.rebuild,
+    }  # fmt: skip
+    if gate.origin is not None:
+        params |= gate.origin.params()
+    registry_call("logging the gate's parameters", gate.client.log_batch, gate.run_id,
+                  params=[Param(k, str(v)) for k, v in params.items()])  # fmt: skip
+
+
+def _score(gate: _Gate, progress: pipeline.Progress | None) -> pipeline.ScoreResult:
+    """One of the three scoring paths: merged shard summaries, RESQUE_dist of the data, or RESQUE_task."""
+    request, fetched = gate.request, gate.fetched
+    if request.shard_summaries is not None:
+        return _score_shards(request, fetched)
+    fp = fetched.fingerprint
+    if request.mode == "dist":
+        return pipeline.score_dist(
+            fetched.model_path, fp, request.data, label_source=request.label_source, provider=request.provider,
+            batch_size=request.batch_size, progress=progress, model_ref=str(gate.ref),
+        )  # fmt: skip
+    return pipeline.score_task(
+        fetched.model_path, request.data, layer=fp.layer if fp and request.layer == "auto" else request.layer,
+        provider=request.provider, batch_size=request.batch_size, image_spec=fp.input_spec.image if fp else None,
+        progress=progress,
     )  # fmt: skip
-    return Decision(cost.decision), "cost_model", cost.to_dict()
 
 
-def _score_shards(request: GateRequest, fetched) -> pipeline.ScoreResult:
-    import hashlib
-
+def _score_shards(request: GateRequest, fetched: FetchedModel) -> pipeline.ScoreResult:
     from resque_airflow.runtime.shards import merge_shards
 
     summary, headers = merge_shards(list(request.shard_summaries), fetched.fingerprint)
@@ -469,6 +346,81 @@ def _score_shards(request: GateRequest, fetched) -> pipeline.ScoreResult:
         fetched.fingerprint, summary, label_source=request.label_source, provider="shards",
         data_uri=request.data or ",".join(h.data_uri for h in headers), data_hash=digest,
     )  # fmt: skip
+
+
+def _decide(gate: _Gate, result: pipeline.ScoreResult) -> _Verdict:
+    """Thresholds decide reuse; above it, predicted cost against rebuild cost decides when history allows.
+
+    Accuracy guard: with given labels, the gate knows the model's accuracy on the new data. Below
+    :data:`ACCURACY_TARGET_RELATIVE` x its reference accuracy (the target a retrain must reach) the model cannot be
+    reused, whatever the score: information-destroying shifts (additive noise) can score low yet cost a retrain
+    (docs/EVIDENCE.md).
+    """
+    fp = gate.fetched.fingerprint
+    reference_accuracy = fp.summary.accuracy if fp else None
+    verdict = _Verdict(decide(result.score, gate.thresholds), names.POLICY_THRESHOLDS)
+    acc_drop = result.signals.get("acc_drop")
+    if verdict.decision is Decision.REUSE and acc_drop is not None and reference_accuracy:
+        accuracy = reference_accuracy - acc_drop
+        if accuracy < ACCURACY_TARGET_RELATIVE * reference_accuracy:
+            log.info(
+                "accuracy guard: accuracy %.3f is below %.2f x the reference %.3f; retrain despite RESQUE %.4f",
+                accuracy, ACCURACY_TARGET_RELATIVE, reference_accuracy, result.score,
+            )  # fmt: skip
+            verdict = _Verdict(Decision.RETRAIN, names.POLICY_ACCURACY)
+    if verdict.decision is Decision.REUSE or gate.request.mode != "dist":
+        return verdict
+    from resque_airflow.registry.costs import cost_policy
+
+    cost = cost_policy(gate.client, gate.version, result.signals)
+    if cost is None:
+        return verdict
+    log.info(
+        "cost model (%d runs): predicted %s %.1f [%.1f, %.1f] vs rebuild %.1f -> %s",
+        cost.n_history, cost.cost_metric, cost.predicted, cost.low, cost.high, cost.rebuild_cost, cost.decision,
+    )  # fmt: skip
+    return _Verdict(Decision(cost.decision), names.POLICY_COST_MODEL, cost.to_dict())
+
+
+def _metrics(result: pipeline.ScoreResult, prediction: dict | None) -> dict[str, float]:
+    """The gate run's metrics: the score, counts, companion signals, per-class angles and the cost prediction."""
+    metrics = {names.SCORE_METRIC: result.score, "n_samples": result.n_samples, "n_classes": result.n_classes}
+    metrics |= {k: v for k, v in result.signals.items() if v is not None}
+    metrics |= {f"{names.ANGLE_METRIC_PREFIX}{k}": v for k, v in result.per_class.items()}
+    if prediction is not None:
+        m = prediction["cost_metric"]
+        metrics |= {
+            f"predicted_{m}": prediction["predicted"],
+            f"predicted_{m}_low": prediction["low"],
+            f"predicted_{m}_high": prediction["high"],
+            "rebuild_cost": prediction["rebuild_cost"],
+        }
+    return metrics
+
+
+def _write_result(gate: _Gate, result: pipeline.ScoreResult, outcome: GateOutcome) -> int:
+    """Log metrics, params, decision tags and the result artifact, then close the run; returns the gate's time."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client, run_id = gate.client, gate.run_id
+    # One clock reading is the gate's time: the JSON tag's "time" and the run's end time, so that concurrent gates
+    # agree on which is newest whether they read the tag or the run.
+    stamp = int(time.time() * 1000)
+    params = {
+        "provider": result.provider, "layer": result.layer, "data_hash": result.data_hash,
+        "n_samples": result.n_samples, "n_classes": result.n_classes, "policy": outcome.policy,
+    }  # fmt: skip
+    tags = {names.DECISION_TAG: outcome.decision, names.BRANCH_TAG: json.dumps(outcome.branch),
+            names.POLICY_TAG: outcome.policy}  # fmt: skip
+    registry_call(
+        "logging the gate's result", client.log_batch, run_id,
+        metrics=[Metric(k, float(v), stamp, 0) for k, v in _metrics(result, outcome.prediction).items()],
+        params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()],
+    )  # fmt: skip
+    registry_call("storing the gate result", client.log_dict, run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT)
+    registry_call("marking the gate run decided", client.set_tag, run_id, names.STATUS_TAG, names.STATUS_DECIDED)
+    registry_call("closing the gate run", client.set_terminated, run_id, "FINISHED", end_time=stamp)
+    return stamp
 
 
 def _fail_run(client, run_id: str, exc: BaseException) -> None:
@@ -480,13 +432,13 @@ def _fail_run(client, run_id: str, exc: BaseException) -> None:
         client.log_batch(
             run_id,
             tags=[
-                RunTag(names.STATUS_TAG, "failed"),
+                RunTag(names.STATUS_TAG, names.STATUS_FAILED),
                 RunTag(names.ERROR_TAG, f"{type(exc).__name__}: {str(exc)[:4000]}"),
             ],
         )
         client.set_terminated(run_id, "FAILED")
     except Exception as inner:  # the registry may be the thing that failed
-        log.warning("could not mark gate run %s as failed: %s", run_id, str(inner).splitlines()[0][:300])
+        log.warning("could not mark gate run %s as failed: %s", run_id, first_line(inner))
 
 
-__all__ = ["AirflowInfo", "GateOutcome", "GateRequest", "RegistryError", "run_gate"]
+__all__ = ["GateOutcome", "GateRequest", "Origin", "RegistryError", "Routes", "failed_at", "record_action", "run_gate"]

@@ -16,15 +16,14 @@ from resque_airflow.runtime.pipeline import Progress, fingerprint_model
 
 log = logging.getLogger(__name__)
 
-MODELS_EXPERIMENT = "resque-models"
 # Passed explicitly: MLflow's inference lists both onnxruntime and onnxruntime-gpu, which conflict.
 PIP_REQUIREMENTS = ["onnx>=1.17", "onnxruntime>=1.20"]
-TORCH_FACTORY_TAG = "resque.torch_factory"
-MODEL_SHA_TAG = "resque.model_sha256"
 
 
 @dataclass(frozen=True)
 class Published:
+    """A registered model version, as :func:`publish_model` left it."""
+
     name: str
     version: str
     alias: str
@@ -51,7 +50,7 @@ def publish_model(
     torch_factory: str | None = None,
     training_cost: dict[str, float] | None = None,
     registry_uri: str | None = None,
-    experiment_name: str = MODELS_EXPERIMENT,
+    experiment_name: str = names.MODELS_EXPERIMENT,
     run_kind: str = names.KIND_TRAIN,
     run_tags: dict[str, str] | None = None,
     progress: Progress | None = None,
@@ -101,7 +100,7 @@ def publish_model(
             "layer": fp.layer, "pooling": fp.pooling, "reference_uri": str(reference), "n_reference": fp.n_samples,
             "num_classes": fp.num_classes, "model_sha256": fp.model_sha256,
         }  # fmt: skip
-        metrics = {"reference_accuracy": fp.summary.accuracy} | dict(training_cost or {})
+        metrics = {names.REFERENCE_ACCURACY_METRIC: fp.summary.accuracy} | dict(training_cost or {})
         client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None],
@@ -109,9 +108,9 @@ def publish_model(
         )
         if not registry_call("reading the registered model", _exists, client, name):
             _create_registered_model(client, name)
-        mv_tags = {MODEL_SHA_TAG: fp.model_sha256, names.TRAIN_RUN_MV_TAG: run_id}
+        mv_tags = {names.MODEL_SHA_TAG: fp.model_sha256, names.TRAIN_RUN_MV_TAG: run_id}
         if torch_factory:
-            mv_tags[TORCH_FACTORY_TAG] = torch_factory
+            mv_tags[names.TORCH_FACTORY_TAG] = torch_factory
         mv = client.create_model_version(
             name, source=f"{run.info.artifact_uri}/{names.MODEL_ARTIFACT}", run_id=run_id, tags=mv_tags
         )

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from resque_airflow.core.costmodel import MIN_HISTORY, SIGNALS, CostModel
 from resque_airflow.registry import names
-from resque_airflow.registry.client import registry_call
+from resque_airflow.registry.client import registry_call, search_literal
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,8 @@ DEFAULT_COST_METRIC = "steps_to_target"
 
 @dataclass(frozen=True)
 class HistoryPoint:
+    """One retrain run joined to the gate run that triggered it: the gate's signals and the measured cost."""
+
     gate_run_id: str
     retrain_run_id: str
     signals: dict
@@ -31,8 +33,14 @@ class HistoryPoint:
     censored: bool
 
 
-def retrain_history(client, model_name: str, *, cost_metric: str = DEFAULT_COST_METRIC, max_runs: int = 5000):
+def retrain_history(
+    client, model_name: str, *, cost_metric: str = DEFAULT_COST_METRIC, max_runs: int = 5000
+) -> list[HistoryPoint]:
     """(signals, cost) pairs of every retrain run of ``model_name`` that names its triggering gate run."""
+    name_literal = search_literal(model_name)
+    if name_literal is None:  # MLflow's filter syntax cannot spell a name holding both kinds of quote
+        log.info("cost model not used: model name %r cannot be searched for in MLflow", model_name)
+        return []
     exp = registry_call("reading the retrain experiment", client.get_experiment_by_name, names.RETRAIN_EXPERIMENT)
     if exp is None:
         return []
@@ -41,7 +49,8 @@ def retrain_history(client, model_name: str, *, cost_metric: str = DEFAULT_COST_
         client.search_runs,
         [exp.experiment_id],
         filter_string=(
-            f"tags.`{names.KIND_TAG}` = '{names.KIND_RETRAIN}' and tags.`{names.MODEL_NAME_TAG}` = '{model_name}'"
+            f"tags.`{names.KIND_TAG}` = {search_literal(names.KIND_RETRAIN)} "
+            f"and tags.`{names.MODEL_NAME_TAG}` = {name_literal}"
         ),
         max_results=max_runs,
     )

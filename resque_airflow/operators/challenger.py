@@ -1,0 +1,126 @@
+"""The branches after a gate: ``ResqueChallengerOperator`` (retrain or rebuild) and ``ResqueReuseOperator``.
+
+Both take the gate's result (``gate.output``: the XCom the gate pushes), so that what they did joins the audit
+trail of the gate run that decided it: a retrain or rebuild run names its gate run (``resque.gate_run_id``), and
+a reuse is recorded on the gate run itself (``resque.action=reused``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from resque_airflow.operators.errors import reported_to_airflow
+from resque_airflow.registry.client import ModelRef
+
+if TYPE_CHECKING:
+    from airflow.sdk.definitions.context import Context
+
+
+def _gated_uri(gate_result: dict) -> str:
+    """The ``models:/NAME/VERSION`` a gate result is about (for error messages)."""
+    return ModelRef.spell(gate_result.get("model_name"), version=gate_result.get("model_version"))
+
+
+class ResqueChallengerOperator(BaseOperator):
+    """Train a challenger on ``data`` after a gate, measure what it cost, and register it as ``@alias``.
+
+    ``fresh=False`` (retrain) fine-tunes the gated version's weights; ``fresh=True`` (rebuild) trains the same
+    architecture from freshly initialised weights. Training stops at 0.95 x the gated version's reference accuracy
+    on a held-out split, or after ``max_epochs``; the measured cost (steps, epochs, gradient norms, parameter change,
+    wall time, energy, emissions) is logged on the challenger's run in the experiment ``resque-retrain``, with the id
+    of the gate run that triggered it. The gated version must have been published with torch weights and a torch
+    factory. Returns (XCom) the kind, the new version, its run id, the gate run id, the target and the costs.
+
+    Bad input (unlabelled data, no weights or factory on file) fails the task without retry; a registry outage
+    fails it retryably (:mod:`resque_airflow.operators.errors`).
+
+    :param gate_result: the gate's result, usually ``gate.output``. (templated)
+    :param data: path or fsspec URL of the labelled new data to train on. (templated)
+    :param fresh: False to retrain (fine-tune), True to rebuild (train from scratch).
+    :param max_epochs: cap on training, in epochs. (templated)
+    :param country_iso_code: energy mix for the emissions estimate (codecarbon), e.g. ``"USA"``. (templated)
+    :param alias: alias given to the challenger's version.
+    :param mlflow_conn_id: Airflow connection of type ``mlflow``.
+    """
+
+    template_fields: Sequence[str] = ("gate_result", "data", "max_epochs", "country_iso_code")
+    ui_color = "#f5e6d6"
+
+    def __init__(
+        self,
+        *,
+        gate_result: Any,
+        data: str,
+        fresh: bool,
+        max_epochs: float = 40,
+        country_iso_code: str = "USA",
+        alias: str = "challenger",
+        mlflow_conn_id: str = "mlflow_default",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.gate_result = gate_result
+        self.data = data
+        self.fresh = fresh
+        self.max_epochs = max_epochs
+        self.country_iso_code = country_iso_code
+        self.alias = alias
+        self.mlflow_conn_id = mlflow_conn_id
+
+    def execute(self, context: Context) -> dict:
+        from resque_airflow.hooks.mlflow import MlflowHook
+        from resque_airflow.registry.challenger import train_challenger
+
+        kind = "rebuild" if self.fresh else "retrain"
+        gate = self.gate_result
+        with reported_to_airflow(kind, model_uri=_gated_uri(gate), data=str(self.data), connection=self.mlflow_conn_id):
+            hook = MlflowHook(self.mlflow_conn_id)
+            hook.configure_credentials()  # train_challenger builds its clients from the URIs
+            return train_challenger(
+                tracking_uri=hook.tracking_uri, registry_uri=hook.registry_uri, gate_result=gate,
+                data_uri=str(self.data), fresh=self.fresh, max_epochs=_number("max_epochs", self.max_epochs),
+                country_iso_code=self.country_iso_code, alias=self.alias,
+            )  # fmt: skip
+
+
+class ResqueReuseOperator(BaseOperator):
+    """The reuse branch: record on the gate run that its decision was acted on (``resque.action=reused``).
+
+    Returns (XCom) ``{"kind": "reuse", "gate_run_id": ..., "model_version": ...}``.
+
+    :param gate_result: the gate's result, usually ``gate.output``. (templated)
+    :param mlflow_conn_id: Airflow connection of type ``mlflow``.
+    """
+
+    template_fields: Sequence[str] = ("gate_result",)
+    ui_color = "#d6f5e0"
+
+    def __init__(self, *, gate_result: Any, mlflow_conn_id: str = "mlflow_default", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate_result = gate_result
+        self.mlflow_conn_id = mlflow_conn_id
+
+    def execute(self, context: Context) -> dict:
+        from resque_airflow.hooks.mlflow import MlflowHook
+        from resque_airflow.registry import names
+        from resque_airflow.registry.gate import record_action
+
+        gate = self.gate_result
+        with reported_to_airflow("reuse", model_uri=_gated_uri(gate), connection=self.mlflow_conn_id):
+            record_action(MlflowHook(self.mlflow_conn_id).get_client(), gate["gate_run_id"], names.ACTION_REUSED)
+        return {"kind": "reuse", "gate_run_id": gate["gate_run_id"], "model_version": gate["model_version"]}
+
+
+def _number(name: str, value: object) -> object:
+    """A templated number: rendered as text without ``render_template_as_native_obj``, a number with it."""
+    if not isinstance(value, str):
+        return value
+    from resque_airflow.errors import ResqueInputError
+
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ResqueInputError(f"{name}: expected a number, got {value!r}") from exc

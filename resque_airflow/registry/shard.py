@@ -1,0 +1,48 @@
+"""Fan-out: summarise one shard of new data under a registered model and write the summary for a later gate.
+
+A gate given the summaries (``GateRequest.shard_summaries``) merges them and scores the whole batch as one pass
+would (see :mod:`resque_airflow.runtime.shards`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+from resque_airflow.registry.artifacts import fetch_model
+from resque_airflow.registry.client import ModelRef, resolve_version
+from resque_airflow.runtime import pipeline
+from resque_airflow.runtime.embed import Embedder
+from resque_airflow.runtime.shards import ShardHeader, write_shard
+
+log = logging.getLogger(__name__)
+
+
+def summarise_shard(
+    client,
+    ref: ModelRef,
+    data: str,
+    out_uri: str,
+    *,
+    provider: str = "auto",
+    batch_size: int = pipeline.DEFAULT_BATCH_SIZE,
+) -> str:
+    """Summarise ``data`` under the model version ``ref`` points at and write the summary to ``out_uri``.
+
+    The model and its fingerprint are downloaded and checked (sha256) as for a gate; the summary is written
+    atomically (a reader never sees a partial file). Returns ``out_uri``.
+
+    Raises:
+        ResqueInputError: the data, model or fingerprint cannot be used (including a model not registered).
+        RegistryError: the registry could not be asked.
+    """
+    version = resolve_version(client, ref)
+    with tempfile.TemporaryDirectory(prefix="resque-shard-") as tmp:
+        fetched = fetch_model(client, version, tmp)
+        fp = fetched.fingerprint
+        embedder = Embedder(fetched.model_path.read_bytes(), layer=fp.layer, provider=provider)
+        summary, stats = pipeline.summarise(embedder, fp, data, batch_size=batch_size)
+    header = ShardHeader(fp.model_sha256, fp.layer, stats.n_samples, data, stats.data_hash, bool(stats.labelled))
+    write_shard(out_uri, summary, header)
+    log.info("shard %s: %d samples summarised to %s", data, stats.n_samples, out_uri)
+    return out_uri

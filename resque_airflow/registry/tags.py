@@ -1,0 +1,139 @@
+"""The model-version tags a gate leaves: newest gate wins, under concurrent gates and cut-short writes.
+
+A gate result on the registry side is the JSON tag :data:`~.names.LAST_GATE_TAG` (score, decision, gate run id,
+time, mode) plus one ``resque.last_*`` tag per field (:data:`~.names.MV_TAG_FIELDS`). MLflow has no transaction
+over several tags and no compare-and-set, so :func:`tag_model_version` writes and then verifies until the tags
+agree with the newest result it can see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+
+from resque_airflow.registry import names
+from resque_airflow.registry.client import iso_time, search_literal
+
+log = logging.getLogger(__name__)
+
+_PAYLOAD_KEYS = ("score", "decision", "run_id", "time", "mode")
+_TAG_ROUNDS = 8  # bound on write-and-verify rounds under contention; two suffice without a concurrent gate
+# How a database reports two writers inserting the same tag at once (SQLite, MySQL, PostgreSQL), through MLflow.
+_WRITE_CONFLICT = ("UNIQUE constraint failed", "IntegrityError", "Duplicate entry", "duplicate key value")
+
+
+def _order(payload: dict | None) -> tuple[str, str]:
+    """Sort key of a gate result: its time, then its run id (so that two gates in the same millisecond agree)."""
+    if not payload:
+        return ("", "")
+    return (str(payload.get("time", "")), str(payload.get("run_id", "")))
+
+
+def _tag_payload(tags: dict) -> dict | None:
+    """The JSON tag ``resque.last_gate`` of a model version, or None when absent or damaged."""
+    try:
+        payload = json.loads(tags.get(names.LAST_GATE_TAG) or "null")
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or not set(_PAYLOAD_KEYS) <= set(payload):
+        return None
+    return payload
+
+
+def _derived(payload: dict) -> dict[str, str]:
+    """Every model-version tag a gate result sets; the individual ``resque.last_*`` tags derive from the JSON one."""
+    # The score as a Python float: the same result read back from a run's metric must give the same text.
+    payload = {k: payload[k] for k in _PAYLOAD_KEYS} | {"score": float(payload["score"])}
+    out = {tag: str(payload[key]) for tag, key in names.MV_TAG_FIELDS}
+    out[names.LAST_GATE_TAG] = json.dumps(payload)  # last: dicts keep insertion order, and this one is authoritative
+    return out
+
+
+def _newest_finished_gate(client, exp_id: str, name: str, version: str) -> dict | None:
+    """The newest decided gate run of ``name``/``version`` in ``exp_id``, as a tag payload (None if there is none)."""
+    name_literal, version_literal = search_literal(name), search_literal(version)
+    if name_literal is None or version_literal is None:
+        return None  # the tags alone then decide: still newest-wins, without the repair of a lost update
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=(
+            f"tags.`{names.MODEL_NAME_TAG}` = {name_literal} and tags.`{names.MODEL_VERSION_TAG}` = "
+            f"{version_literal} and tags.`{names.STATUS_TAG}` = {search_literal(names.STATUS_DECIDED)} "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.end_time DESC"],
+        max_results=20,  # enough to break ties of equal end times by run id
+    )
+    best = None
+    for run in runs:
+        score = run.data.metrics.get(names.SCORE_METRIC)
+        if run.info.end_time is None or score is None or names.DECISION_TAG not in run.data.tags:
+            continue
+        payload = {
+            "score": score, "decision": run.data.tags[names.DECISION_TAG], "run_id": run.info.run_id,
+            "time": iso_time(run.info.end_time), "mode": run.data.params.get("mode", ""),
+        }  # fmt: skip
+        if _order(payload) > _order(best):
+            best = payload
+    return best
+
+
+def _set_tag_or_yield(client, name: str, version: str, tag: str, value: str) -> bool:
+    """Set one model-version tag; False when a concurrent writer of the same tag won the race.
+
+    MLflow's SQL store sets a tag as "look up, then insert or update": two gates setting a tag that neither saw
+    both insert, and the second gets an integrity error (HTTP 400 from a server, which MLflow does not retry).
+    Losing that race is not a failure: the caller re-reads the tags and verifies them.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_model_version_tag(name, version, tag, value)
+        return True
+    except MlflowException as exc:
+        if not any(marker in str(exc) for marker in _WRITE_CONFLICT):
+            raise
+        log.info("model version %s/%s: tag %s written concurrently by another gate; verifying", name, version, tag)
+        time.sleep(random.uniform(0.0, 0.2))  # let the other writer finish its round before reading
+        return False
+
+
+def tag_model_version(client, name: str, version: str, payload: dict, exp_id: str | None = None) -> bool:
+    """Leave the model-version tags naming the newest gate (by time, then run id). Returns whether it is ours.
+
+    ``payload`` is this gate's result: ``score``, ``decision``, ``run_id``, ``time`` (ISO, as the run's end time)
+    and ``mode``. A plain "read, compare, write" lets an older gate that read before a newer one wrote overwrite
+    it, and lets the tags of two gates interleave. So each gate writes and then verifies, until the tags agree with
+    the newest result it can see: its own, the newest decided gate run of the same model version in its experiment
+    (gate runs are closed before tagging starts, so they are the durable record), or the JSON tag already there.
+    Within a round the individual ``resque.last_*`` tags are written first and ``resque.last_gate`` (the
+    authoritative record) last. Two gates inserting the same tag at once is a lost race, not an error
+    (:func:`_set_tag_or_yield`).
+
+    Guarantee: the gate that writes last verifies after its last write, so once every gate has returned the tags
+    are all equal to the fields of ``resque.last_gate`` and name the newest decided gate. A damaged JSON tag is
+    overwritten.
+    """
+    ours = payload
+    for _ in range(_TAG_ROUNDS):
+        tags = dict(client.get_model_version(name, version).tags)
+        candidates = [ours, _tag_payload(tags)]
+        if exp_id is not None:
+            candidates.append(_newest_finished_gate(client, exp_id, name, version))
+        newest = max((c for c in candidates if c), key=_order)
+        wanted = _derived(newest)
+        if all(tags.get(k) == v for k, v in wanted.items()):
+            if newest is not ours:
+                log.info("model version %s/%s carries a newer gate result (%s); leaving it", name, version,
+                         newest["run_id"])  # fmt: skip
+            return newest is ours
+        for tag, value in wanted.items():
+            if tags.get(tag) != value and not _set_tag_or_yield(client, name, version, tag, value):
+                break  # another gate wrote this tag at the same moment: re-read, then verify
+    log.warning(
+        "model version %s/%s: tags still changing after %d rounds; a concurrent gate is tagging and will verify them",
+        name, version, _TAG_ROUNDS,
+    )  # fmt: skip
+    return False
