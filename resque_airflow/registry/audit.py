@@ -277,7 +277,7 @@ def _record(run: Run, ui_base: str | None) -> GateRecord:
         high = _float(metrics.get(f"{key}_high"))
         if value is not None or low is not None or high is not None:
             predicted[cost] = {"value": value, "low": low, "high": high}
-    # The gate writes all four Airflow params (AirflowInfo has no optional field), or none outside Airflow.
+    # The gate writes all four Airflow params (Origin.params(): no optional field), or none without an origin.
     airflow = {key: params[f"airflow_{key}"] for key in _AIRFLOW_KEYS} if "airflow_dag_id" in params else {}
     return GateRecord(
         run_id=run.info.run_id,
@@ -443,6 +443,6 @@ def gate_detail(client: mlflow.MlflowClient, run_id: str, *, mlflow_ui_base: str
         record.detail_error = f"{names.GATE_RESULT_ARTIFACT} not available ({type(exc).__name__})"
         return record
     record.per_class = _per_class(result.get("per_class") or {})
-    if "classes_missing" in result:
+    if "classes_missing" in result:  # not in GateOutcome today; shown when a result carries it
         record.classes_missing = [str(c) for c in result["classes_missing"]]
     return record
