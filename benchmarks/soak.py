@@ -114,7 +114,8 @@ def slope(values: list[float]) -> float:
 def soak(uri: str, work: Path, runs: int, max_seconds: float, rows: int) -> dict:
     from resque_airflow.registry import names
     from resque_airflow.registry.client import make_client
-    from resque_airflow.registry.gate import LAST_GATE_TAG, AirflowInfo, GateRequest, run_gate
+    from resque_airflow.registry.gate import GateRequest, Origin, run_gate
+    from resque_airflow.registry.names import LAST_GATE_TAG
     from resque_airflow.registry.publish import publish_model
 
     x, y = images(500, seed=1)
@@ -136,7 +137,7 @@ def soak(uri: str, work: Path, runs: int, max_seconds: float, rows: int) -> dict
         request = GateRequest("models:/soak-cnn@champion", data[i % len(data)])
         t0 = time.perf_counter()
         try:
-            run_gate(request, tracking_uri=uri, airflow=AirflowInfo("soak", f"run-{i}", "gate", 1))
+            run_gate(request, client=make_client(uri), origin=Origin("soak", f"run-{i}", "gate", 1))
         except Exception as exc:  # recorded and reported: a soak counts failures, it does not stop at one
             failures.append(f"gate {i}: {type(exc).__name__}: {exc}")
         per_gate.append(time.perf_counter() - t0)

@@ -62,7 +62,7 @@ def env(cnn_registry):
     )
     data = write_data(root)
     for model in MODELS:  # a first gate, so that "tags unchanged" compares real tags
-        run_gate(GateRequest(f"models:/{model}@champion", str(data[f"{model}-good"])), tracking_uri=uri)
+        run_gate(GateRequest(f"models:/{model}@champion", str(data[f"{model}-good"])), client=make_client(uri))
     return {"uri": uri, "root": root, "data": data}
 
 

@@ -22,6 +22,7 @@ from test_reliability_support import MlflowServer, check_tags_name, gate_runs, m
 
 from resque_airflow.errors import RegistryError
 from resque_airflow.registry import names
+from resque_airflow.registry.client import make_client
 from resque_airflow.registry.gate import GateRequest, run_gate
 from resque_airflow.registry.publish import publish_model
 
@@ -67,7 +68,7 @@ def test_older_gate_that_writes_last_does_not_win(registry, monkeypatch):
 
     def gate_a():
         try:
-            outcome["A"] = run_gate(GateRequest("models:/lost@champion", data[0]), tracking_uri=uri)
+            outcome["A"] = run_gate(GateRequest("models:/lost@champion", data[0]), client=make_client(uri))
         except BaseException as exc:  # handed to the main thread
             outcome["A"] = exc
 
@@ -75,7 +76,7 @@ def test_older_gate_that_writes_last_does_not_win(registry, monkeypatch):
     thread.start()
     try:
         assert a_stalled.wait(WAIT_S), "gate A never reached its tag writes"
-        b = run_gate(GateRequest("models:/lost@champion", data[1]), tracking_uri=uri)
+        b = run_gate(GateRequest("models:/lost@champion", data[1]), client=make_client(uri))
     finally:
         release.set()
         thread.join(WAIT_S)
@@ -94,7 +95,7 @@ def test_tagging_cut_short_is_repaired_by_the_next_gate(registry, monkeypatch):
     from mlflow.exceptions import MlflowException
 
     uri, data = registry
-    first = run_gate(GateRequest("models:/cut@champion", data[0]), tracking_uri=uri)
+    first = run_gate(GateRequest("models:/cut@champion", data[0]), client=make_client(uri))
     real_set = MlflowClient.set_model_version_tag
     calls = {"n": 0}
 
@@ -106,11 +107,11 @@ def test_tagging_cut_short_is_repaired_by_the_next_gate(registry, monkeypatch):
 
     monkeypatch.setattr(MlflowClient, "set_model_version_tag", failing_set)
     with pytest.raises(RegistryError, match="tagging the model version failed"):
-        run_gate(GateRequest("models:/cut@champion", data[2]), tracking_uri=uri)
+        run_gate(GateRequest("models:/cut@champion", data[2]), client=make_client(uri))
     half = mv_tags(uri, "cut")
     assert json.loads(half["resque.last_gate"])["run_id"] == first.gate_run_id  # the authoritative tag is intact
     monkeypatch.setattr(MlflowClient, "set_model_version_tag", real_set)
-    last = run_gate(GateRequest("models:/cut@champion", data[1]), tracking_uri=uri)
+    last = run_gate(GateRequest("models:/cut@champion", data[1]), client=make_client(uri))
     runs = runs_of(uri, "cut")
     assert len(runs) == 3 and all(r.data.tags[names.STATUS_TAG] == "decided" for r in runs)
     assert newest_gate(runs).info.run_id == last.gate_run_id
@@ -140,7 +141,7 @@ def test_two_gates_inserting_the_same_tag_is_a_lost_race_not_an_error(registry, 
         return real_set(self, name, version, key, value)
 
     monkeypatch.setattr(MlflowClient, "set_model_version_tag", set_tag)
-    outcome = run_gate(GateRequest("models:/race@champion", data[0]), tracking_uri=uri)
+    outcome = run_gate(GateRequest("models:/race@champion", data[0]), client=make_client(uri))
     assert raised
     runs = {r.info.run_id: r for r in runs_of(uri, "race")}
     check_tags_name(mv_tags(uri, "race"), runs[outcome.gate_run_id])

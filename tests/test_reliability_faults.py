@@ -35,6 +35,7 @@ from test_reliability_support import (
 
 from resque_airflow.errors import RegistryError, ResqueInputError
 from resque_airflow.registry import names
+from resque_airflow.registry.client import make_client
 from resque_airflow.registry.gate import GateRequest, run_gate
 from resque_airflow.registry.publish import publish_model
 
@@ -66,7 +67,7 @@ def test_server_killed_mid_gate_then_retry_completes(tmp_path, cnn_onnx, monkeyp
         x, y = make_images(600, seed=2, shift=0.3)
         data = str(tmp_path / "new.npz")
         np.savez(data, x=x, y=y)
-        run_gate(GateRequest("models:/cnn@champion", data), tracking_uri=server.uri)
+        run_gate(GateRequest("models:/cnn@champion", data), client=make_client(server.uri))
         monkeypatch.setenv("AIRFLOW_CONN_RELIABILITY_SERVER", mlflow_conn(server.uri))
 
         # Try 1: the server dies at the operator's first progress line, in the middle of scoring.
@@ -161,7 +162,7 @@ def test_hung_registry_fails_in_bounded_time(tmp_path, monkeypatch):
     silent = _SilentServer()
     try:
         with pytest.raises(RegistryError, match="resolving models:/cnn@champion failed"):
-            run_gate(GateRequest("models:/cnn@champion", str(tmp_path / "x.npz")), tracking_uri=silent.uri)
+            run_gate(GateRequest("models:/cnn@champion", str(tmp_path / "x.npz")), client=make_client(silent.uri))
     finally:
         silent.close()
 
@@ -209,7 +210,9 @@ def test_data_source_disappears_mid_stream(registry, tmp_path):
 
     with pytest.raises(ResqueInputError, match=r"cannot read shard .*part-1\.npz: FileNotFoundError"):
         run_gate(
-            GateRequest("models:/cnn@champion", str(folder), batch_size=16), tracking_uri=uri, progress=delete_the_rest
+            GateRequest("models:/cnn@champion", str(folder), batch_size=16),
+            client=make_client(uri),
+            progress=delete_the_rest,
         )
     failed = failed_since(uri, before)
     assert len(failed) == 1 and failed[0].data.tags[names.STATUS_TAG] == "failed"
@@ -320,7 +323,9 @@ def test_shard_writer_killed_leaves_no_partial_shard(kill_at, registry, tmp_path
     if kill_at == "written":
         summary, header = read_shard(str(target))  # complete
         assert summary.n == 500 and header.n_samples == 500 and not leftovers
-        outcome = run_gate(GateRequest("models:/cnn@champion", "", shard_summaries=[str(target)]), tracking_uri=uri)
+        outcome = run_gate(
+            GateRequest("models:/cnn@champion", "", shard_summaries=[str(target)]), client=make_client(uri)
+        )
         assert outcome.n_samples == 500
         return
     assert not target.exists()  # nothing at the final name
@@ -329,7 +334,7 @@ def test_shard_writer_killed_leaves_no_partial_shard(kill_at, registry, tmp_path
         with pytest.raises(Exception):  # noqa: B017 - which one: test_truncated_shard_summary_is_bad_input
             read_shard(str(leftovers[0]))  # the partial temp file is no shard, even when pointed at
     with pytest.raises(ResqueInputError, match="not found; did its shard task succeed"):
-        run_gate(GateRequest("models:/cnn@champion", "", shard_summaries=[str(target)]), tracking_uri=uri)
+        run_gate(GateRequest("models:/cnn@champion", "", shard_summaries=[str(target)]), client=make_client(uri))
     failed = failed_since(uri, before)
     assert len(failed) == 1 and failed[0].data.tags[names.STATUS_TAG] == "failed"
     assert decided_run_ids(uri) == decided and mv_tags(uri, "cnn") == tags

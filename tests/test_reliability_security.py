@@ -166,7 +166,7 @@ def test_download_that_escapes_is_refused_before_anything_runs(registry, session
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download_with_a_planted_link)
     decided, runs, tags = decided_run_ids(uri), len(gate_runs(uri)), mv_tags(uri, "cnn")
     with pytest.raises(RegistryError, match="points outside the download folder; refusing it"):
-        run_gate(GateRequest("models:/cnn@champion", data), tracking_uri=uri)
+        run_gate(GateRequest("models:/cnn@champion", data), client=make_client(uri))
     assert sessions == []
     assert decided_run_ids(uri) == decided and len(gate_runs(uri)) == runs and mv_tags(uri, "cnn") == tags
 
@@ -176,14 +176,14 @@ def test_tampered_model_never_gets_a_session(registry, sessions, tmp_path, capsy
     from resque_airflow.cli import main
 
     uri, data = registry
-    run_gate(GateRequest("models:/tamper-me@champion", data), tracking_uri=uri)
+    run_gate(GateRequest("models:/tamper-me@champion", data), client=make_client(uri))
     assert len(sessions) == 1  # the spy sees the sessions a gate creates
     tags = mv_tags(uri, "tamper-me")
     stored = make_client(uri).get_model_version_download_uri("tamper-me", "1")
     flip_byte(f"{stored}/model.onnx", -10)
     sessions.clear()
     with pytest.raises(FingerprintError, match="recompute the fingerprint"):
-        run_gate(GateRequest("models:/tamper-me@champion", data), tracking_uri=uri)
+        run_gate(GateRequest("models:/tamper-me@champion", data), client=make_client(uri))
     # the same file scored locally, against its (intact) fingerprint
     local = Path(stored.removeprefix("file://"))
     code = main(["score", "dist", "--model", str(local / "model.onnx"), "--fingerprint", str(local / "extra_files"),

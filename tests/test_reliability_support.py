@@ -167,7 +167,8 @@ def newest_gate(runs: list) -> object:
 
 def check_tags_name(tags: dict, run) -> None:
     """Assert the model-version tags are consistent and all describe gate run ``run``."""
-    from resque_airflow.registry.gate import LAST_GATE_TAG, _iso
+    from resque_airflow.registry.client import iso_time as _iso
+    from resque_airflow.registry.names import LAST_GATE_TAG
 
     payload = json.loads(tags[LAST_GATE_TAG])
     fields = {
