@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from resque_airflow.core.accumulator import Mergeable
 from resque_airflow.errors import ResqueInputError
 
 
@@ -45,11 +46,12 @@ def check_features(features: np.ndarray, dim: int | None = None, *, what: str = 
     return x
 
 
-class ClassSums:
+class ClassSums(Mergeable):
     """Class-wise sums and counts of ``D``-dimensional features over ``K`` classes.
 
     Sums are kept in float64 whatever the input dtype (float32 accumulation drifts by ~1.6% of the score).
-    Accumulators over disjoint batches, shards or workers merge exactly with ``+`` / ``+=``, in any order.
+    Accumulators over disjoint batches, shards or workers merge exactly with ``+`` / ``+=`` / ``sum``, in any order
+    (the protocol of :mod:`resque_airflow.core.accumulator`); both sides must have the same ``K`` and ``D``.
 
     Attributes:
         sums: ``(K, D)`` float64, the sum of the features of each class.
@@ -122,24 +124,12 @@ class ClassSums:
         """Total number of samples seen."""
         return int(self.counts.sum())
 
-    def _check_compatible(self, other: object) -> ClassSums:
-        if not isinstance(other, ClassSums):
-            raise TypeError(f"cannot merge ClassSums with {type(other).__name__}")
-        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
-            raise ResqueInputError(
-                f"ClassSums: cannot merge shape {(other.num_classes, other.dim)} into {(self.num_classes, self.dim)}"
-            )
-        return other
+    def _signature(self) -> dict[str, int]:
+        return {"num_classes": self.num_classes, "dim": self.dim}
 
-    def __iadd__(self, other: ClassSums) -> ClassSums:
-        other = self._check_compatible(other)
+    def _merge(self, other: ClassSums) -> None:
         self.sums += other.sums
         self.counts += other.counts
-        return self
-
-    def __add__(self, other: ClassSums) -> ClassSums:
-        other = self._check_compatible(other)
-        return ClassSums.from_arrays(self.sums + other.sums, self.counts + other.counts)
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -1,7 +1,8 @@
 """One pass over a data set, summarised: everything RESQUE_dist and its companion signals need.
 
 A :class:`FeatureSummary` is built batch by batch from the pooled features, the logits and the labels of one forward
-pass, in memory bounded by the batch size plus a fixed-size feature sample. Summaries of shards merge with ``+=``.
+pass, in memory bounded by the batch size plus a fixed-size feature sample. Summaries of shards merge with ``+=``
+(the protocol of :mod:`resque_airflow.core.accumulator`, shared with :class:`ClassSums` and :class:`Reservoir`).
 The reference side of a model is a summary stored in its fingerprint; :func:`companion_signals` compares a new
 summary with it (DESIGN.md 2.5).
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from resque_airflow.core.accumulator import Mergeable
 from resque_airflow.core.classsums import ClassSums, check_features, check_labels
 from resque_airflow.core.metrics import ks_mean, mmd_linear, resque_dist, resque_task
-from resque_airflow.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError, check_choice
 
 LABEL_SOURCES = ("given", "predicted", "none")
 DEFAULT_SAMPLE_SIZE = 2000
@@ -26,18 +28,25 @@ def softmax_confidence(logits: np.ndarray) -> np.ndarray:
     return e.max(axis=1) / e.sum(axis=1)
 
 
-class Reservoir:
+class Reservoir(Mergeable):
     """A uniform random sample of at most ``size`` rows of ``(N, D)`` features with their labels (Algorithm R).
 
-    Mergeable: ``a += b`` leaves a uniform sample of the union (how many rows come from each side is drawn from
-    the hypergeometric distribution).
+    Mergeable (:mod:`resque_airflow.core.accumulator`): ``a += b`` leaves a uniform sample of the union (how many
+    rows come from each side is drawn from the hypergeometric distribution). Both sides must have the same ``size``
+    (with a smaller one on one side, the union's sample would under-represent that side) and ``dim``.
 
     Example:
         >>> import numpy as np
-        >>> r = Reservoir(size=5, dim=2)
-        >>> r.update(np.zeros((100, 2), np.float32), np.arange(100))
+        >>> r = Reservoir(size=5, dim=2).update(np.zeros((100, 2), np.float32), np.arange(100))
         >>> r.x.shape, r.seen
         ((5, 2), 100)
+        >>> r += Reservoir(5, 2).update(np.ones((3, 2), np.float32), np.full(3, -1))
+        >>> r.x.shape, r.seen
+        ((5, 2), 103)
+        >>> r + Reservoir(5, 3)
+        Traceback (most recent call last):
+        ...
+        resque_airflow.errors.ResqueInputError: Reservoir: cannot merge one with dim=3 into one with dim=2
     """
 
     def __init__(self, size: int, dim: int, seed: int = 0) -> None:
@@ -48,8 +57,8 @@ class Reservoir:
         self.y = np.zeros(0, np.int64)
         self._rng = np.random.default_rng(seed)
 
-    def update(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Offer ``(n, D)`` rows with their ``(n,)`` int labels (-1 where unknown)."""
+    def update(self, x: np.ndarray, y: np.ndarray) -> Reservoir:
+        """Offer ``(n, D)`` rows with their ``(n,)`` int labels (-1 where unknown); returns ``self``."""
         room = self.size - self.x.shape[0]
         if room > 0:
             take = min(room, x.shape[0])
@@ -57,15 +66,19 @@ class Reservoir:
             self.y = np.concatenate([self.y, np.asarray(y[:take], np.int64)])
             x, y, self.seen = x[take:], y[take:], self.seen + take
         if x.shape[0] == 0:
-            return
+            return self
         # Row i replaces a random slot with probability size / (seen + i + 1).
         slots = self._rng.integers(0, self.seen + np.arange(1, x.shape[0] + 1))
         hit = np.flatnonzero(slots < self.size)
         self.x[slots[hit]] = x[hit]
         self.y[slots[hit]] = y[hit]
         self.seen += x.shape[0]
+        return self
 
-    def __iadd__(self, other: Reservoir) -> Reservoir:
+    def _signature(self) -> dict[str, int]:
+        return {"size": self.size, "dim": self.dim}
+
+    def _merge(self, other: Reservoir) -> None:
         n1, n2 = self.seen, other.seen
         s = min(self.size, self.x.shape[0] + other.x.shape[0])
         k = int(self._rng.hypergeometric(n1, n2, s)) if n1 and n2 else (s if n1 else 0)
@@ -75,10 +88,12 @@ class Reservoir:
         self.x = np.concatenate([self.x[a], other.x[b]])
         self.y = np.concatenate([self.y[a], other.y[b]])
         self.seen = n1 + n2
-        return self
+
+    def __repr__(self) -> str:
+        return f"Reservoir(size={self.size}, dim={self.dim}, seen={self.seen})"
 
 
-class FeatureSummary:
+class FeatureSummary(Mergeable):
     """Class sums under three label sources, accuracy and confidence counters, and a uniform feature sample.
 
     Attributes:
@@ -88,17 +103,25 @@ class FeatureSummary:
         sample_x: ``(S, D)`` float32 uniform random sample of features (reservoir), S <= ``sample_size``.
         sample_y: ``(S,)`` int64 given labels of the sampled rows, -1 where unknown.
 
+    Summaries merge (:mod:`resque_airflow.core.accumulator`) when ``num_classes``, ``dim`` and ``sample_size``
+    agree: every counter adds, and the feature samples merge as :class:`Reservoir` s do.
+
     Example:
         >>> import numpy as np
         >>> s = FeatureSummary(num_classes=2, dim=2, sample_size=3)
         >>> s.update(np.eye(2, dtype=np.float32), logits=np.array([[2.0, 0.0], [0.0, 1.0]]), labels=np.array([0, 0]))
+        FeatureSummary(num_classes=2, dim=2, sample_size=3, n=2)
         >>> s.n, s.accuracy, s.sample_x.shape
         (2, 0.5, (2, 2))
-        >>> t = FeatureSummary(2, 2, sample_size=3)
-        >>> t.update(np.ones((4, 2), np.float32))
+        >>> t = FeatureSummary(2, 2, sample_size=3).update(np.ones((4, 2), np.float32))
         >>> s += t
         >>> s.n, s.sample_x.shape, s.pooled.counts.tolist()
         (6, (3, 2), [6])
+        >>> try:
+        ...     s + FeatureSummary(2, 2, sample_size=5)
+        ... except ResqueInputError as exc:
+        ...     print(exc)
+        FeatureSummary: cannot merge one with sample_size=5 into one with sample_size=3
     """
 
     def __init__(self, num_classes: int, dim: int, *, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0):
@@ -137,12 +160,14 @@ class FeatureSummary:
         """Mean top-class softmax probability, or None without logits."""
         return self.confidence_sum / self.n_logits if self.n_logits else None
 
-    def update(self, features: np.ndarray, logits: np.ndarray | None = None, labels: np.ndarray | None = None):
-        """Add one batch: ``(N, D)`` features, optional ``(N, C)`` logits and ``(N,)`` labels."""
+    def update(
+        self, features: np.ndarray, logits: np.ndarray | None = None, labels: np.ndarray | None = None
+    ) -> FeatureSummary:
+        """Add one batch: ``(N, D)`` features, optional ``(N, C)`` logits and ``(N,)`` labels; returns ``self``."""
         x = check_features(features, self.dim)
         n = x.shape[0]
         if n == 0:
-            return
+            return self
         y = None if labels is None else check_labels(labels, self.num_classes, n)
         self.pooled.update(x)
         if y is not None:
@@ -162,10 +187,12 @@ class FeatureSummary:
             if y is not None:
                 self.correct += int((pred == y).sum())
         self.sample.update(x, y if y is not None else np.full(n, -1, np.int64))
+        return self
 
-    def __iadd__(self, other: FeatureSummary) -> FeatureSummary:
-        if not isinstance(other, FeatureSummary):
-            raise TypeError(f"cannot merge FeatureSummary with {type(other).__name__}")
+    def _signature(self) -> dict[str, int]:
+        return {"num_classes": self.num_classes, "dim": self.dim, "sample_size": self.sample_size}
+
+    def _merge(self, other: FeatureSummary) -> None:
         self.given += other.given
         self.predicted += other.predicted
         self.pooled += other.pooled
@@ -173,7 +200,12 @@ class FeatureSummary:
         self.confidence_sum += other.confidence_sum
         self.n_logits += other.n_logits
         self.sample += other.sample
-        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureSummary(num_classes={self.num_classes}, dim={self.dim}, sample_size={self.sample_size}, "
+            f"n={self.n})"
+        )
 
     # Serialisation: flat arrays for .npz (no pickle) and scalars for JSON.
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -208,10 +240,25 @@ class FeatureSummary:
         return out
 
 
+def check_label_source(label_source: str) -> str:
+    """Return ``label_source`` if it is one of :data:`LABEL_SOURCES`, else raise :class:`ResqueInputError`.
+
+    The one check of a label source: :func:`sums_for` makes it, and so do callers that must fail before a pass.
+
+    >>> check_label_source("none")
+    'none'
+    >>> check_label_source("gold")
+    Traceback (most recent call last):
+    ...
+    resque_airflow.errors.ResqueInputError: labels: expected one of ('given', 'predicted', 'none'), got 'gold'
+    """
+    check_choice("labels", label_source, LABEL_SOURCES)
+    return label_source
+
+
 def sums_for(summary: FeatureSummary, label_source: str) -> ClassSums:
     """The class sums of ``summary`` under one label source: ``given``, ``predicted`` or ``none`` (pooled)."""
-    if label_source not in LABEL_SOURCES:
-        raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {label_source!r}")
+    check_label_source(label_source)
     return {"given": summary.given, "predicted": summary.predicted, "none": summary.pooled}[label_source]
 
 

@@ -86,7 +86,6 @@ class Embedder:
         inp = self.session.input
         self.input_name: str = inp.name
         self.input_shape: tuple[int | None, ...] = tuple(d if isinstance(d, int) else None for d in inp.shape)
-        self.input_type: str = inp.type
         self.outputs = [self.exposed.pooled_output] + (
             [self.exposed.logits_output] if self.exposed.logits_output else []
         )

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from resque_airflow.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError, first_line
 from resque_airflow.runtime.graph import LAYER_METADATA_KEY
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,28 @@ def _wrapped(model, layer: str | None):
             return logits, seen[-1]
 
     return WithLayer() if layer is not None else model
+
+
+def import_callable(ref: str, *, what: str = "factory") -> Callable[..., Any]:
+    """The callable that ``ref`` names as ``module:callable`` (a torch model factory, for instance).
+
+    ``what`` names the argument in the error message. Raises :class:`ResqueInputError` when ``ref`` is not spelled
+    ``module:callable`` or cannot be imported.
+
+    >>> import_callable("math:sqrt")(4.0)
+    2.0
+    >>> import_callable("math.sqrt", what="--factory")
+    Traceback (most recent call last):
+    ...
+    resque_airflow.errors.ResqueInputError: --factory: expected 'module:callable', got 'math.sqrt'
+    """
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ResqueInputError(f"{what}: expected 'module:callable', got {ref!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ResqueInputError(f"{what}: cannot import {ref!r}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -119,7 +144,7 @@ def export_torch(
             )
             proto = program.model_proto
         except Exception as exc:  # the dynamo exporter still rejects some models the TorchScript one handles
-            log.info("dynamo export failed (%s); using the TorchScript exporter", str(exc).splitlines()[0][:200])
+            log.info("dynamo export failed (%s); using the TorchScript exporter", first_line(exc, 200))
             exporter = "torchscript"
             tmp = path.with_suffix(".tmp.onnx")
             torch.onnx.export(

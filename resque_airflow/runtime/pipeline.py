@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -19,14 +20,14 @@ from resque_airflow.core.fingerprint import Fingerprint, ImageSpec, InputSpec, s
 from resque_airflow.core.metrics import resque_dist, resque_task
 from resque_airflow.core.summary import (
     DEFAULT_SAMPLE_SIZE,
-    LABEL_SOURCES,
     FeatureSummary,
     Reservoir,
+    check_label_source,
     companion_signals,
     sums_for,
 )
 from resque_airflow.errors import ResqueInputError
-from resque_airflow.runtime.embed import Embedder
+from resque_airflow.runtime.embed import EmbeddedBatch, Embedder
 from resque_airflow.runtime.readers import DataSource
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,19 @@ def _import_in_background(modules: tuple[str, ...] = _SCORING_MODULES) -> thread
     return t
 
 
-def read_model(model: str | Path | bytes) -> tuple[bytes, str]:
-    """Model bytes and their sha256, from a local path or bytes."""
+def read_model(model: str | Path | bytes, *, sha256: str | None = None) -> tuple[bytes, str]:
+    """Model bytes and their sha256, from a local path or bytes.
+
+    ``sha256``: the hash of these bytes, already computed by the caller (the registry's ``fetch_model`` hashes the
+    file it downloaded); it is returned as is instead of hashing the bytes a second time.
+    """
     if isinstance(model, bytes):
-        return model, sha256_bytes(model)
+        return model, sha256 or sha256_bytes(model)
     path = Path(model)
     if not path.is_file():
         raise ResqueInputError(f"model: {path} not found")
     data = path.read_bytes()
-    return data, sha256_bytes(data)
+    return data, sha256 or sha256_bytes(data)
 
 
 @dataclass
@@ -84,13 +89,16 @@ class PassStats:
     seconds: float = 0.0
 
 
+A = TypeVar("A")
+
+
 def _stream(
     embedder: Embedder,
     source: DataSource,
-    on_batch: Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], None],
+    on_batch: Callable[[EmbeddedBatch], None],
     progress: Progress | None,
 ) -> PassStats:
-    """Run every batch of ``source`` through ``embedder``, handing features/logits/labels to ``on_batch``."""
+    """Run every batch of ``source`` through ``embedder``, handing each :class:`EmbeddedBatch` to ``on_batch``."""
     stats = PassStats()
     digest = hashlib.sha256()
     t0 = time.perf_counter()
@@ -103,7 +111,7 @@ def _stream(
         digest.update(np.ascontiguousarray(eb.features).view(np.uint8))
         if has_y:
             digest.update(np.ascontiguousarray(eb.labels).view(np.uint8))
-        on_batch(eb.features, eb.logits, eb.labels)
+        on_batch(eb)
         stats.n_samples += eb.features.shape[0]
         if progress is not None:
             progress(stats.n_samples, source.n_hint)
@@ -114,12 +122,39 @@ def _stream(
     return stats
 
 
-def open_source(
-    uri: str, embedder: Embedder, *, batch_size: int, image_spec: ImageSpec | None, class_names: list[str] | None
-) -> DataSource:
-    return DataSource(
-        uri, batch_size=batch_size, image_spec=image_spec, image_size=embedder.image_size, class_names=class_names
+def _pass(
+    embedder: Embedder,
+    data: str,
+    start: Callable[[EmbeddedBatch], A],
+    feed: Callable[[A, EmbeddedBatch], object],
+    *,
+    batch_size: int,
+    image_spec: ImageSpec | None = None,
+    class_names: list[str] | None = None,
+    progress: Progress | None = None,
+) -> tuple[A, PassStats, DataSource]:
+    """The one streaming pass of every entry point: read ``data``, run it through ``embedder``, accumulate.
+
+    ``start(first_batch)`` makes the accumulator (its width is known only once the model has produced features);
+    ``feed(accumulator, batch)`` adds each batch to it, the first included. Returns the accumulator, what the pass
+    saw, and the opened source (its kind and class names go into a fingerprint).
+    """
+    source = DataSource(
+        data, batch_size=batch_size, image_spec=image_spec, image_size=embedder.image_size, class_names=class_names
     )
+    acc: list[A] = []  # empty until the first batch
+
+    def on_batch(eb: EmbeddedBatch) -> None:
+        if not acc:
+            acc.append(start(eb))
+        feed(acc[0], eb)
+
+    stats = _stream(embedder, source, on_batch, progress)  # raises on empty data: acc is never left empty
+    return acc[0], stats, source
+
+
+def _update_summary(summary: FeatureSummary, eb: EmbeddedBatch) -> FeatureSummary:
+    return summary.update(eb.features, eb.logits, eb.labels)
 
 
 def fingerprint_model(
@@ -140,18 +175,16 @@ def fingerprint_model(
     """
     model_bytes, sha = read_model(model)
     embedder = Embedder(model_bytes, layer=layer, provider=provider)
-    source = open_source(data, embedder, batch_size=batch_size, image_spec=image_spec, class_names=None)
-    state: dict = {}
 
-    def on_batch(feats, logits, labels):
-        if "summary" not in state:
-            k = num_classes or (logits.shape[1] if logits is not None else None)
-            if k is None:
-                raise ResqueInputError("num_classes: the model has no logits output; pass num_classes explicitly")
-            state["summary"] = FeatureSummary(k, feats.shape[1], sample_size=sample_size)
-        state["summary"].update(feats, logits, labels)
+    def start(eb: EmbeddedBatch) -> FeatureSummary:
+        k = num_classes or (eb.logits.shape[1] if eb.logits is not None else None)
+        if k is None:
+            raise ResqueInputError("num_classes: the model has no logits output; pass num_classes explicitly")
+        return FeatureSummary(k, eb.features.shape[1], sample_size=sample_size)
 
-    stats = _stream(embedder, source, on_batch, progress)
+    summary, stats, source = _pass(
+        embedder, data, start, _update_summary, batch_size=batch_size, image_spec=image_spec, progress=progress
+    )
     if not stats.labelled and embedder.exposed.logits_output is None:
         raise ResqueInputError(f"data: {data} has no labels and the model has no logits; the fingerprint needs one")
     log.info(
@@ -168,7 +201,7 @@ def fingerprint_model(
             dtype="float32",
             image=image_spec if source.kind == "images" else None,
         ),
-        summary=state["summary"],
+        summary=summary,
         class_names=source.class_names,
         data_uri=str(data),
     )
@@ -210,24 +243,21 @@ def summarise(
 ) -> tuple[FeatureSummary, PassStats]:
     """One pass of ``data`` through ``embedder`` into a :class:`FeatureSummary` shaped like the fingerprint's."""
     ref = fingerprint.summary
-    summary = FeatureSummary(ref.num_classes, ref.dim, sample_size=ref.sample_size)
-    source = open_source(
-        data,
-        embedder,
-        batch_size=batch_size,
-        image_spec=fingerprint.input_spec.image,
-        class_names=fingerprint.class_names,
-    )
-    stats = _stream(embedder, source, summary.update, progress)
+    summary, stats, _ = _pass(
+        embedder, data, lambda _eb: FeatureSummary(ref.num_classes, ref.dim, sample_size=ref.sample_size),
+        _update_summary, batch_size=batch_size, image_spec=fingerprint.input_spec.image,
+        class_names=fingerprint.class_names, progress=progress,
+    )  # fmt: skip
     return summary, stats
 
 
 def score_summary(
     fingerprint: Fingerprint, summary: FeatureSummary, *, label_source: str = "given", task_max_samples: int = 2000
 ) -> tuple[object, dict]:
-    """RESQUE_dist of ``summary`` against the fingerprint under one label source, plus every companion signal."""
-    if label_source not in LABEL_SOURCES:
-        raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {label_source!r}")
+    """RESQUE_dist of ``summary`` against the fingerprint under one label source, plus every companion signal.
+
+    ``label_source`` is checked by :func:`~resque_airflow.core.summary.sums_for`.
+    """
     if label_source == "given" and summary.given.n == 0:
         raise ResqueInputError("labels='given' but the data has no labels (y); pass labels='predicted' or 'none'")
     if label_source == "predicted" and summary.predicted.n == 0:
@@ -284,15 +314,21 @@ def score_dist(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
     model_ref: str | None = None,
+    model_sha256: str | None = None,
 ) -> ScoreResult:
-    """RESQUE_dist of ``data`` against ``fingerprint`` with ``model`` (sha256-checked before anything runs)."""
-    model_bytes, sha = read_model(model)
+    """RESQUE_dist of ``data`` against ``fingerprint`` with ``model`` (sha256-checked before anything runs).
+
+    ``model_sha256``: the model's sha256 when the caller has already computed it from the same file (the registry's
+    ``fetch_model`` does, on download); it is still compared with the fingerprint's, but the file is not hashed a
+    second time. ``model_ref`` names the model in that comparison's error message.
+    """
+    model_bytes, sha = read_model(model, sha256=model_sha256)
     fingerprint.check_model(sha, model_ref=model_ref or str(model if not isinstance(model, bytes) else "the model"))
-    if label_source not in LABEL_SOURCES:
-        raise ResqueInputError(f"labels: expected one of {LABEL_SOURCES}, got {label_source!r}")
+    check_label_source(label_source)  # before the pass, which does not depend on it: a typo fails at once
     embedder = Embedder(model_bytes, layer=fingerprint.layer, provider=provider)
     del model_bytes  # the session holds its own copy: keep the file's bytes (~45 MB for a ResNet-18) out of the peak
     imports = _import_in_background()  # overlaps the pass, where ORT leaves a core partly idle (reads, waits)
+    # summarise by its module-level name: benchmarks/throughput_workers.py times the pass by wrapping it.
     summary, stats = summarise(embedder, fingerprint, data, batch_size=batch_size, progress=progress)
     imports.join()
     return dist_result(
@@ -321,21 +357,19 @@ def score_task(
     """
     model_bytes, sha = read_model(model)
     embedder = Embedder(model_bytes, layer=layer, provider=provider)
-    source = open_source(data, embedder, batch_size=batch_size, image_spec=image_spec, class_names=None)
-    state: dict = {}
 
-    def on_batch(feats, logits, labels):
-        if labels is None:
+    def feed(res: Reservoir, eb: EmbeddedBatch) -> Reservoir:
+        if eb.labels is None:
             raise ResqueInputError(f"data: {data} has no labels (y); RESQUE_task needs the new task's labels")
-        if "res" not in state:
-            state["res"] = Reservoir(max_samples or np.iinfo(np.int64).max, feats.shape[1], seed)
-        y = np.asarray(labels)
+        y = np.asarray(eb.labels)
         if y.dtype.kind not in "iu":
             raise ResqueInputError(f"labels: expected integer class labels, got dtype {y.dtype}")
-        state["res"].update(feats, y.astype(np.int64))
+        return res.update(eb.features, y.astype(np.int64))
 
-    stats = _stream(embedder, source, on_batch, progress)
-    res: Reservoir = state["res"]
+    res, stats, _ = _pass(
+        embedder, data, lambda eb: Reservoir(max_samples or np.iinfo(np.int64).max, eb.features.shape[1], seed),
+        feed, batch_size=batch_size, image_spec=image_spec, progress=progress,
+    )  # fmt: skip
     task = resque_task(res.x, res.y, init=init, max_samples=max_samples, seed=seed)
     return ScoreResult(
         mode="task",

@@ -218,16 +218,6 @@ class DataSource:
             y = table.column(self.label_column).to_numpy(zero_copy_only=False) if has_label else None
             yield Batch(_as_input(np.asarray(x), path), y, path)
 
-    def has_labels_hint(self) -> bool | None:
-        """Whether the data carries labels, when known without reading (Parquet schema, image folders)."""
-        if self.kind == "images":
-            return True
-        if self.kind == "parquet":
-            import pyarrow.parquet as pq
-
-            return self.label_column in pq.ParquetFile(self.fs.open(self.files[0], "rb")).schema_arrow.names
-        return None
-
     def _open(self, path: str):
         # fsspec's local file wrapper costs ~30 us per file in Python; a plain open() is the same bytes.
         return open(path, "rb") if self._local else self.fs.open(path, "rb")
@@ -296,8 +286,3 @@ class DataSource:
                 x = self._to_input(list(decoded))
                 y = np.fromiter((label for _, label in chunk), np.int64, len(chunk))
                 yield Batch(x, y, f"{self.uri} (images {i * self.batch_size}..{i * self.batch_size + len(chunk) - 1})")
-
-
-def open_data(uri: str, **kwargs) -> DataSource:
-    """Open ``uri`` for streaming; see :class:`DataSource` for the keyword arguments."""
-    return DataSource(uri, **kwargs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from resque_airflow.errors import ModelError, ResqueInputError
+from resque_airflow.errors import ModelError, ResqueInputError, check_choice, first_line
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ class Session:
 
     session: object  # onnxruntime.InferenceSession
     provider: str
-    requested: str
 
     @property
     def input(self):
@@ -154,8 +153,7 @@ def create_session(model: bytes, provider: str = "auto", *, threads: int | None 
     """
     import onnxruntime as ort
 
-    if provider not in PROVIDERS:
-        raise ResqueInputError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+    check_choice("provider", provider, PROVIDERS)
     want_cuda = provider == "cuda" or (
         provider == "auto" and cuda_device_present() and "CUDAExecutionProvider" in ort.get_available_providers()
     )
@@ -174,7 +172,7 @@ def create_session(model: bytes, provider: str = "auto", *, threads: int | None 
             ort.set_default_logger_severity(2)
         if sess.get_providers()[0] == _ORT_NAMES["cuda"]:
             log.info("ONNX Runtime provider: asked %s, obtained cuda", provider)
-            return Session(sess, "cuda", provider)
+            return Session(sess, "cuda")
         if provider == "cuda":
             raise ResqueInputError(
                 "provider='cuda' was asked but CUDA does not work here (no device, or CUDA/cuDNN libraries missing); "
@@ -185,6 +183,6 @@ def create_session(model: bytes, provider: str = "auto", *, threads: int | None 
             model, sess_options=_session_options(threads, quiet=False), providers=[_ORT_NAMES["cpu"]]
         )
     except Exception as exc:
-        raise ModelError(f"model: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"model: ONNX Runtime cannot load it: {first_line(exc)}") from exc
     log.info("ONNX Runtime provider: asked %s, obtained cpu", provider)
-    return Session(sess, "cpu", provider)
+    return Session(sess, "cpu")

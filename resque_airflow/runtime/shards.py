@@ -73,7 +73,7 @@ def merge_shards(uris: list[str], fingerprint: Fingerprint) -> tuple[FeatureSumm
     """Merge shard summaries, checking that each was computed with the fingerprint's model and layer."""
     if not uris:
         raise ResqueInputError("shard_summaries: empty list; the fan-out produced no shard")
-    total: FeatureSummary | None = None
+    total: FeatureSummary | None = None  # merged as they are read: one shard's summary in memory at a time
     headers = []
     for uri in uris:
         summary, header = read_shard(uri)
@@ -85,5 +85,8 @@ def merge_shards(uris: list[str], fingerprint: Fingerprint) -> tuple[FeatureSumm
                 f"layer {header.layer!r}); rerun the shard tasks against the same model version as the gate"
             )
         headers.append(header)
-        total = summary if total is None else total.__iadd__(summary)
+        if total is None:
+            total = summary
+        else:
+            total += summary  # checks first that the shapes (classes, width, sample size) agree
     return total, headers
