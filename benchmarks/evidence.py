@@ -122,6 +122,7 @@ def _git_commit() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with the command line ``argv``; write every output into ``--out``; return 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke test: few runs, short caps (< 1 minute)")
     parser.add_argument("--out", default="docs/evidence", help="output folder (created)")

@@ -64,6 +64,7 @@ def correlations(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int = 0) -> di
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of ``x`` and ``y`` over the rows where both are known; NaN if either is constant."""
     from scipy.stats import spearmanr
 
     ok = ~(np.isnan(x) | np.isnan(y))

@@ -14,6 +14,7 @@ from evidence_analysis import COSTS, SIGNALS, TASK_SIGNALS, column
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` as CSV; the columns are every key, in order of first appearance (None -> empty)."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -33,6 +34,7 @@ def _ci(d: dict, name: str = "spearman") -> str:
 
 
 def md_table(header: list[str], body: list[list[str]]) -> str:
+    """A Markdown table of ``header`` and the ``body`` rows (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
@@ -61,6 +63,7 @@ def task_means_md(task_rows: list[dict]) -> str:
 def correlations_md(
     dist_corr: list[dict], task_corr: list[dict], groups: list[str], n_boot: int, task_table: str = ""
 ) -> str:
+    """``correlations.md``: the tables of :func:`evidence_analysis.correlation_table`'s rows, per shift and pooled."""
     look = {(r["group"], r["signal"], r["cost"]): r for r in dist_corr}
     parts = [
         "# Correlations",
@@ -115,6 +118,7 @@ def correlations_md(
 
 
 def loto_md(summary: dict, coverage_nominal: float) -> str:
+    """``loto.md``: the leave-one-shift-type-out summary of :func:`evidence_analysis.loto`, best predictor first."""
     pooled = summary["pooled"]
     order = sorted(pooled, key=lambda k: -np.nan_to_num(pooled[k]["spearman"], nan=-2))
     types = list(summary["per_type"])
@@ -141,6 +145,7 @@ def loto_md(summary: dict, coverage_nominal: float) -> str:
 
 
 def plots(out: Path, dist_rows: list[dict], task_rows: list[dict], loto_rows: list[dict], curve: list[dict]) -> None:
+    """Write the PNG plots (signals against costs, leave-one-out predictions, learning curve) into ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")

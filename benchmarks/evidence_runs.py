@@ -9,15 +9,23 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from resque_airflow.core import FeatureSummary
+    from resque_airflow.examples.digits import DigitsSplits
+    from resque_airflow.runtime.training import RetrainCost
 
 log = logging.getLogger("evidence")
 
 SHIFT_SEED_OFFSETS = {"train": 1, "heldout": 2, "test": 3}  # distinct noise per split, derived from the run seed
 
 
-def summarise(model, x: np.ndarray, labels: np.ndarray | None, num_classes: int = 10):
+def summarise(model: nn.Module, x: np.ndarray, labels: np.ndarray | None, num_classes: int = 10) -> FeatureSummary:
     """A ``FeatureSummary`` of ``x`` under ``model``: pooled representation, logits and (optional) labels."""
     from workloads import embed
 
@@ -29,7 +37,7 @@ def summarise(model, x: np.ndarray, labels: np.ndarray | None, num_classes: int 
     return s
 
 
-def cost_columns(cost, prefix: str = "") -> dict:
+def cost_columns(cost: RetrainCost, prefix: str = "") -> dict:
     """The measured-cost columns of a CSV row (``grad_norm`` is the first epoch's mean)."""
     return {
         f"{prefix}steps_to_target": cost.steps_to_target,
@@ -46,8 +54,12 @@ def cost_columns(cost, prefix: str = "") -> dict:
     }
 
 
-def run_dist(cfg, splits, source, reference, target: float) -> list[dict]:
-    """One row per (shift type, severity, seed), plus ``none`` per seed: signals, fine-tune and rebuild costs."""
+def run_dist(cfg, splits: DigitsSplits, source: nn.Module, reference: FeatureSummary, target: float) -> list[dict]:
+    """One row per (shift type, severity, seed), plus ``none`` per seed: signals, fine-tune and rebuild costs.
+
+    ``cfg`` is ``evidence.Config``; ``source`` the production model, ``reference`` its clean reference summary and
+    ``target`` the held-out accuracy every fine-tune and rebuild must reach.
+    """
     from resque_airflow.core import companion_signals
     from resque_airflow.examples.digits import apply_shift, make_model
     from resque_airflow.runtime.training import fine_tune
@@ -81,7 +93,7 @@ def run_dist(cfg, splits, source, reference, target: float) -> list[dict]:
     return rows
 
 
-def run_tasks(cfg, splits, source, reference) -> list[dict]:
+def run_tasks(cfg, splits: DigitsSplits, source: nn.Module, reference: FeatureSummary) -> list[dict]:
     """One row per (new task, seed): RESQUE_task variants, label-free signals, fine-tune (new head), rebuild costs."""
     from workloads import embed, make_task, replace_head
 

@@ -57,6 +57,7 @@ def machine_info() -> dict:
 
 
 def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or None where ``/proc/loadavg`` is missing."""
     try:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     except OSError:

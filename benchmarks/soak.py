@@ -112,6 +112,10 @@ def slope(values: list[float]) -> float:
 
 
 def soak(uri: str, work: Path, runs: int, max_seconds: float, rows: int) -> dict:
+    """Publish a tiny CNN to ``uri``, run ``runs`` gates (at most ``max_seconds``) on ``rows`` rows each.
+
+    Returns the raw series (seconds and RSS per gate), the failures and what the registry recorded.
+    """
     from resque_airflow.registry import names
     from resque_airflow.registry.client import make_client
     from resque_airflow.registry.gate import GateRequest, Origin, run_gate
@@ -162,6 +166,7 @@ def soak(uri: str, work: Path, runs: int, max_seconds: float, rows: int) -> dict
 
 
 def summarise(raw: dict, *, backend: str, runs_asked: int, window: int, rows: int) -> dict:
+    """The report of a soak: means over the first and last ``window`` gates, slopes after the first window, checks."""
     t, m = raw["per_gate_s"], raw["rss_mib"]
     n = len(t)
     w = max(1, min(window, n // 2))
@@ -194,6 +199,7 @@ def summarise(raw: dict, *, backend: str, runs_asked: int, window: int, rows: in
 
 
 def markdown(s: dict, command: str) -> str:
+    """The report :func:`summarise` made, as a Markdown table headed by the ``command`` that ran."""
     done = f"{s['runs_done']} / {s['runs_asked']}" + (" (stopped by --max-seconds)" if s["stopped_early"] else "")
     rss = f"{s['rss_after_first_gate_mib']} / {s['rss_after_first_window_mib']} / {s['rss_last_mib']} MiB"
     rows = [
@@ -218,6 +224,7 @@ def markdown(s: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the soak; 0 when every gate succeeded, was recorded and the tags are consistent, else 1."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=200, help="consecutive gates (default 200)")
     p.add_argument("--quick", action="store_true", help="20 gates, window 5: the smoke test")

@@ -107,6 +107,7 @@ def prepare_model(name: str, work: Path) -> dict:
 
 
 def fingerprint(model: dict, reference_png: Path, out: Path, provider: str) -> tuple[str, int]:
+    """Fingerprint ``model`` (:func:`prepare_model`) on the reference PNG folder into ``out``; (folder, width D)."""
     from resque_airflow.core import ImageSpec
     from resque_airflow.runtime.pipeline import fingerprint_model
 
@@ -207,6 +208,7 @@ def _median_fields(runs: list[dict]) -> dict:
 
 
 def bench_model(name: str, work: Path, args, log) -> dict:
+    """Every path of one model on the same data, interleaved over the repeats; its paths, ratios and targets met."""
     log(f"[{name}] exporting")
     model = prepare_model(name, work)
     d = work / name
@@ -294,6 +296,7 @@ def _meets(key: str, value: float | None, target: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with ``--worker``, one path in this process); print and write the report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small n, one repeat, no Airflow run (CI smoke test)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -138,10 +138,12 @@ class FeatureSummary(Mergeable):
 
     @property
     def sample_x(self) -> np.ndarray:
+        """``(S, D)`` float32 uniform sample of the features seen."""
         return self.sample.x
 
     @property
     def sample_y(self) -> np.ndarray:
+        """``(S,)`` int64 given labels of the sampled rows, -1 where unknown."""
         return self.sample.y
 
     @property
@@ -209,6 +211,7 @@ class FeatureSummary(Mergeable):
 
     # Serialisation: flat arrays for .npz (no pickle) and scalars for JSON.
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of the summary by name: ``(K, D)`` sums, ``(K,)`` counts per label source, the sample."""
         return {
             "given_sums": self.given.sums, "given_counts": self.given.counts,
             "predicted_sums": self.predicted.sums, "predicted_counts": self.predicted.counts,
@@ -217,6 +220,7 @@ class FeatureSummary(Mergeable):
         }  # fmt: skip
 
     def to_scalars(self) -> dict:
+        """The shape and the counters of the summary, JSON-serialisable."""
         return {
             "num_classes": self.num_classes, "dim": self.dim, "sample_size": self.sample_size,
             "correct": self.correct, "confidence_sum": self.confidence_sum, "n_logits": self.n_logits,
@@ -224,6 +228,7 @@ class FeatureSummary(Mergeable):
 
     @classmethod
     def from_parts(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> FeatureSummary:
+        """Rebuild a summary from :meth:`to_scalars` and :meth:`to_arrays`; raises on inconsistent widths."""
         out = cls(scalars["num_classes"], scalars["dim"], sample_size=scalars["sample_size"])
         out.given = ClassSums.from_arrays(arrays["given_sums"], arrays["given_counts"])
         out.predicted = ClassSums.from_arrays(arrays["predicted_sums"], arrays["predicted_counts"])

@@ -165,6 +165,7 @@ class DigitsCNN(nn.Module):
         self.fc = nn.Linear(32, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, num_classes)`` logits of ``(N, 1, 8, 8)`` images."""
         h = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
         h = torch.relu(self.conv2(h))
         return self.fc(h.mean(dim=(2, 3)))

@@ -96,6 +96,7 @@ class Embedder:
 
     @property
     def provider(self) -> str:
+        """The provider the session really runs on: ``"cuda"`` or ``"cpu"``."""
         return self.session.provider
 
     @property
@@ -128,7 +129,7 @@ class Embedder:
 
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", self._device_id)
 
-    def run(self, x: np.ndarray, device_input=None) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(self, x: np.ndarray, device_input: object | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Forward one batch ``x`` ``(n, *input_shape)``; returns pooled features ``(n, D)`` float32 and logits
         ``(n, C)`` float32 (None when the model has no logits output).
 

@@ -10,12 +10,15 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from resque_airflow.errors import ResqueInputError, first_line
 from resque_airflow.runtime.graph import LAYER_METADATA_KEY
+
+if TYPE_CHECKING:
+    import torch  # imported at run time by the functions that export
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +101,8 @@ def _quiet_loggers(*names: str):
 
 
 def export_torch(
-    model,
-    example_input,
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
     path: str | os.PathLike,
     *,
     layer: str | None = None,

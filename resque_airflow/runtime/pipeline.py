@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 
 from resque_airflow.core.fingerprint import Fingerprint, ImageSpec, InputSpec, sha256_bytes
-from resque_airflow.core.metrics import resque_dist, resque_task
+from resque_airflow.core.metrics import DistScore, resque_dist, resque_task
 from resque_airflow.core.summary import (
     DEFAULT_SAMPLE_SIZE,
     FeatureSummary,
@@ -228,6 +228,7 @@ class ScoreResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
+        """Every field, with ``per_class`` keyed by strings (JSON object keys)."""
         out = asdict(self)
         out["per_class"] = {str(k): v for k, v in self.per_class.items()}
         return out
@@ -253,7 +254,7 @@ def summarise(
 
 def score_summary(
     fingerprint: Fingerprint, summary: FeatureSummary, *, label_source: str = "given", task_max_samples: int = 2000
-) -> tuple[object, dict]:
+) -> tuple[DistScore, dict]:
     """RESQUE_dist of ``summary`` against the fingerprint under one label source, plus every companion signal.
 
     ``label_source`` is checked by :func:`~resque_airflow.core.summary.sums_for`.

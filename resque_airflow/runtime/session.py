@@ -14,8 +14,12 @@ import shutil
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from resque_airflow.errors import ModelError, ResqueInputError, check_choice, first_line
+
+if TYPE_CHECKING:
+    import onnxruntime  # imported at run time only when a session is created
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,8 @@ class Session:
     provider: str
 
     @property
-    def input(self):
+    def input(self) -> onnxruntime.NodeArg:
+        """The model's (first) input: ``name``, ``shape`` (ints and symbolic names) and ``type``."""
         return self.session.get_inputs()[0]
 
 

@@ -25,6 +25,8 @@ SHARD_FORMAT = 1
 
 @dataclass(frozen=True)
 class ShardHeader:
+    """What a shard summary was computed from: the model (sha256, layer), the rows and the data (URI, hash)."""
+
     model_sha256: str
     layer: str
     n_samples: int

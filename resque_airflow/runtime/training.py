@@ -424,7 +424,15 @@ def fine_tune(
     return cost
 
 
-def _probe_grad_norms(model, params, loss_fn, xt, yt, batch_size: int, seed: int) -> list[float]:
+def _probe_grad_norms(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    loss_fn: nn.Module,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    batch_size: int,
+    seed: int,
+) -> list[float]:
     """Per-batch global gradient norms over one epoch at the current weights, without updating them."""
     gen = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(xt.shape[0], generator=gen).to(xt.device)
