@@ -12,7 +12,7 @@ from resque_airflow.cli import main
 from resque_airflow.core import FingerprintError, RegistryError, ResqueInputError
 from resque_airflow.registry import names
 from resque_airflow.registry.client import make_client
-from resque_airflow.registry.gate import GateRequest, Origin, run_gate
+from resque_airflow.registry.gate import GateRequest, Origin, failed_at, run_gate
 from resque_airflow.registry.publish import publish_model
 
 
@@ -176,3 +176,32 @@ def test_shard_summaries_merge_to_the_single_pass_score(registry, tmp_path, writ
     assert merged.score == pytest.approx(single.score, abs=1e-9) and merged.n_samples == 300
     assert not list((tmp_path / "shards").glob(".*.tmp"))
     np.testing.assert_equal(merged.decision, single.decision)
+
+
+def test_a_failed_gate_says_where_it_failed_and_which_run_it_marked_failed(registry, tmp_path):
+    uri, data = registry
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    with pytest.raises(ResqueInputError) as info:
+        run_gate(GateRequest("models:/cnn@champion", str(tmp_path / "junk.npz")), client=make_client(uri))
+    (failed,) = [r for r in gate_runs(uri) if r.info.status == "FAILED"]
+    assert failed_at(info.value) == ("scoring", failed.info.run_id)
+    with pytest.raises(RegistryError) as info:
+        run_gate(GateRequest("models:/cnn@prod", str(data["clean"])), client=make_client(uri))
+    assert failed_at(info.value) == ("resolving the model version", None)  # no gate run was opened
+
+
+def test_cost_history_of_a_model_name_with_a_quote(tmp_path):
+    """MLflow filters quote the model name: an apostrophe (o'brien-cnn) neither breaks the search nor matches others."""
+    from resque_airflow.registry.client import ensure_experiment
+    from resque_airflow.registry.costs import retrain_history
+
+    client = make_client(f"sqlite:///{tmp_path}/mlflow.db")
+    gate_exp, retrain_exp = (ensure_experiment(client, e) for e in (names.DEFAULT_EXPERIMENT, names.RETRAIN_EXPERIMENT))
+    for model in ("o'brien-cnn", "brien-cnn"):
+        gate = client.create_run(gate_exp, tags={names.KIND_TAG: names.KIND_GATE, names.MODEL_NAME_TAG: model})
+        run = client.create_run(retrain_exp, tags={names.KIND_TAG: names.KIND_RETRAIN, names.MODEL_NAME_TAG: model,
+                                                   names.GATE_RUN_TAG: gate.info.run_id})  # fmt: skip
+        client.log_metric(run.info.run_id, "steps_to_target", 10.0)
+    (point,) = retrain_history(client, "o'brien-cnn")
+    assert point.cost == 10.0 and client.get_run(point.retrain_run_id).data.tags[names.MODEL_NAME_TAG] == "o'brien-cnn"
+    assert retrain_history(client, "o'brien" + '"cnn') == []  # both quotes: not searchable, so no history
