@@ -329,6 +329,7 @@ def _score(gate: _Gate, progress: pipeline.Progress | None) -> pipeline.ScoreRes
         return pipeline.score_dist(
             fetched.model_path, fp, request.data, label_source=request.label_source, provider=request.provider,
             batch_size=request.batch_size, progress=progress, model_ref=str(gate.ref),
+            model_sha256=fetched.sha256,  # fetch_model hashed the file it downloaded: no second hash of it
         )  # fmt: skip
     return pipeline.score_task(
         fetched.model_path, request.data, layer=fp.layer if fp and request.layer == "auto" else request.layer,
