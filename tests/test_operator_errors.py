@@ -46,6 +46,7 @@ def test_a_registry_outage_is_retried_and_names_the_failed_gate_run():
     assert "failed: RegistryError: MLflow: logging" in str(err)
     assert err.stage == "writing the result" and err.gate_run_id == "abc123"
     assert "(while writing the result). Gate run abc123 in MLflow experiment 'resque-gate'" in str(err)
+    assert str(err).endswith("is not decided")
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) and again.gate_run_id == "abc123"
 

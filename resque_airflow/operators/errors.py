@@ -23,7 +23,8 @@ class ResqueGateError(AirflowException):
 
     Attributes (None when not known): ``task`` (``"gate"``, ``"shard"``, ...), ``model_uri``, ``data``,
     ``experiment`` (of the gate runs), ``gate_key`` (the task instance's ``resque.gate_key``), ``stage`` (what the
-    gate was doing) and ``gate_run_id`` (the gate run marked failed, when one was opened), ``connection``.
+    gate was doing), ``gate_run_id`` (the gate run the failure left undecided: marked failed, registry permitting) and
+    ``connection``.
     """
 
     retryable = True
@@ -71,7 +72,7 @@ class ResqueGateError(AirflowException):
         text = cls._head(subject, exc) + (f" (while {a['stage']})" if a["stage"] else "")
         via = f" (connection {a['connection']!r})" if a["connection"] else ""
         if a["gate_run_id"]:
-            return f"{text}. Gate run {a['gate_run_id']} in MLflow experiment {a['experiment']!r}{via} is marked failed"
+            return f"{text}. Gate run {a['gate_run_id']} in MLflow experiment {a['experiment']!r}{via} is not decided"
         if a["experiment"] and cls.retryable:
             return f"{text}. Look at the task log and the gate runs in MLflow experiment {a['experiment']!r}{via}"
         return text

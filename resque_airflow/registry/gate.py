@@ -17,7 +17,6 @@ fails, :func:`failed_at` tells which step it was and which gate run (if one was 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -177,6 +176,7 @@ class _Gate:
     fetched: FetchedModel | None = None
     run_id: str | None = None
     exp_id: str | None = None
+    undecided_run_id: str | None = None  # the gate run a failure left undecided (marked failed, registry permitting)
 
 
 # Attributes run_gate sets on the exception it re-raises (read them with failed_at).
@@ -185,10 +185,11 @@ _RUN_ATTR = "resque_gate_run_id"
 
 
 def failed_at(exc: BaseException) -> tuple[str | None, str | None]:
-    """``(stage, gate run id)`` of a gate that raised ``exc``: what it was doing, and the run marked failed.
+    """``(stage, gate run id)`` of a gate that raised ``exc``: what it was doing, and the gate run it left undecided.
 
-    Both are None for an exception that did not come out of :func:`run_gate`; the run id is None when the gate
-    failed before opening its run.
+    That run is marked failed, unless the registry was what failed. Both are None for an exception that did not come
+    out of :func:`run_gate`; the run id is None when the gate failed before opening its run or after deciding (when
+    tagging the model version).
     """
     return getattr(exc, _STAGE_ATTR, None), getattr(exc, _RUN_ATTR, None)
 
@@ -248,7 +249,7 @@ def _attach(exc: BaseException, gate: _Gate) -> None:
         return
     try:
         setattr(exc, _STAGE_ATTR, gate.stage)
-        setattr(exc, _RUN_ATTR, gate.run_id)
+        setattr(exc, _RUN_ATTR, gate.undecided_run_id)
     except (AttributeError, TypeError):  # an exception type without instance attributes: the message still says
         pass
 
@@ -298,6 +299,7 @@ def _score_and_record(
         gate.stage = "writing the result"
         stamp = _write_result(gate, result, outcome)
     except BaseException as exc:
+        gate.undecided_run_id = gate.run_id
         _fail_run(gate.client, gate.run_id, exc)
         raise
     return outcome, stamp
@@ -323,7 +325,10 @@ def _score(gate: _Gate, progress: pipeline.Progress | None) -> pipeline.ScoreRes
     """One of the three scoring paths: merged shard summaries, RESQUE_dist of the data, or RESQUE_task."""
     request, fetched = gate.request, gate.fetched
     if request.shard_summaries is not None:
-        return _score_shards(request, fetched)
+        from resque_airflow.registry.shard import score_shards
+
+        return score_shards(request.shard_summaries, fetched.fingerprint, label_source=request.label_source,
+                            data_uri=request.data)  # fmt: skip
     fp = fetched.fingerprint
     if request.mode == "dist":
         return pipeline.score_dist(
@@ -335,17 +340,6 @@ def _score(gate: _Gate, progress: pipeline.Progress | None) -> pipeline.ScoreRes
         fetched.model_path, request.data, layer=fp.layer if fp and request.layer == "auto" else request.layer,
         provider=request.provider, batch_size=request.batch_size, image_spec=fp.input_spec.image if fp else None,
         progress=progress,
-    )  # fmt: skip
-
-
-def _score_shards(request: GateRequest, fetched: FetchedModel) -> pipeline.ScoreResult:
-    from resque_airflow.runtime.shards import merge_shards
-
-    summary, headers = merge_shards(list(request.shard_summaries), fetched.fingerprint)
-    digest = hashlib.sha256("".join(sorted(h.data_hash for h in headers)).encode()).hexdigest()
-    return pipeline.dist_result(
-        fetched.fingerprint, summary, label_source=request.label_source, provider="shards",
-        data_uri=request.data or ",".join(h.data_uri for h in headers), data_hash=digest,
     )  # fmt: skip
 
 
