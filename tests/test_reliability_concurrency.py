@@ -1,8 +1,8 @@
 """Reliability catalogue, part 3: concurrency (docs/RELIABILITY.md, section "Concurrency").
 
 The model-version tags are several MLflow calls with no transaction and no compare-and-set, so two gates tagging
-the same version can interleave. ``registry/gate.py`` writes, then verifies against the newest decided gate run
-until the tags agree (see ``_tag_model_version``). These tests pin that down: a deterministic lost-update schedule
+the same version can interleave. ``registry/tags.py`` writes, then verifies against the newest decided gate run
+until the tags agree (see ``tag_model_version``). These tests pin that down: a deterministic lost-update schedule
 (threads, SQLite), a tagging cut short halfway, and eight ``resque gate`` processes at once against one
 ``mlflow server``.
 """
