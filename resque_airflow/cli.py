@@ -134,20 +134,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import importlib
-
     import torch
 
-    from resque_airflow.runtime.export import export_torch
+    from resque_airflow.runtime.export import export_torch, import_callable
 
-    module_name, _, attr = args.factory.partition(":")
-    if not attr:
-        raise ResqueInputError(f"--factory: expected 'module:callable', got {args.factory!r}")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ResqueInputError(f"--factory: cannot import {args.factory!r}: {exc}") from exc
-    model = factory()
+    model = import_callable(args.factory, what="--factory")()
     if args.weights:
         try:
             state = torch.load(args.weights, map_location="cpu", weights_only=True)  # never unpickle arbitrary code

@@ -37,10 +37,10 @@ def load_labelled(uri: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_torch_model(client, version, *, fresh: bool, seed: int):
     """The torch model of ``version`` (from its factory tag): its stored weights, or fresh ones for a rebuild."""
-    import importlib
-
     import mlflow.artifacts
     import torch
+
+    from resque_airflow.runtime.export import import_callable
 
     factory_ref = version.tags.get(names.TORCH_FACTORY_TAG)
     if not factory_ref:
@@ -48,8 +48,8 @@ def _load_torch_model(client, version, *, fresh: bool, seed: int):
             f"model {version.name} version {version.version} has no torch factory on file; publish it with "
             "weights_path= and torch_factory= so it can be retrained"
         )
-    module, _, attr = factory_ref.partition(":")
-    factory = getattr(importlib.import_module(module), attr)
+    factory = import_callable(factory_ref, what=f"model {version.name} version {version.version}: tag "
+                              f"{names.TORCH_FACTORY_TAG}")  # fmt: skip
     if fresh:
         torch.manual_seed(seed)  # a rebuild starts from freshly initialised weights
         return factory(), factory_ref
