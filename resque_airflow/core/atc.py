@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from resque_airflow.core.accumulator import Mergeable
 from resque_airflow.errors import ResqueInputError
 
 DEFAULT_BINS = 2000
 
 
-class ConfidenceHistogram:
+class ConfidenceHistogram(Mergeable):
     """Counts of top-class confidences in ``bins`` equal bins over [0, 1]; ``update`` / ``+`` / ``+=`` as usual.
 
     Example:
@@ -56,19 +57,11 @@ class ConfidenceHistogram:
         above = np.concatenate([np.cumsum(self.counts[::-1])[::-1], [0]]) / max(self.n, 1)  # above[i]: bins >= i
         return float(np.argmin(np.abs(above - fraction)) / self.bins)
 
-    def __iadd__(self, other: ConfidenceHistogram) -> ConfidenceHistogram:
-        if not isinstance(other, ConfidenceHistogram):
-            raise TypeError(f"cannot merge ConfidenceHistogram with {type(other).__name__}")
-        if other.bins != self.bins:
-            raise ResqueInputError(f"confidence histogram: cannot merge {other.bins} bins into {self.bins}")
-        self.counts += other.counts
-        return self
+    def _signature(self) -> dict[str, int]:
+        return {"bins": self.bins}
 
-    def __add__(self, other: ConfidenceHistogram) -> ConfidenceHistogram:
-        out = ConfidenceHistogram(self.bins)
-        out += self
-        out += other
-        return out
+    def _merge(self, other: ConfidenceHistogram) -> None:
+        self.counts += other.counts
 
 
 def wilson_interval(successes: float, n: int, coverage: float = 0.9) -> tuple[float, float]:

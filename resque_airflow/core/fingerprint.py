@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from resque_airflow.core.atc import atc_threshold
 from resque_airflow.core.summary import FeatureSummary
 from resque_airflow.errors import FingerprintError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bootstrap replicates, the null's pool columns, confidence histogram, input statistics
 JSON_NAME = "fingerprint.json"
 NPZ_NAME = "fingerprint.npz"
 
@@ -118,6 +119,12 @@ class Fingerprint:
     def dim(self) -> int:
         return self.summary.dim
 
+    @property
+    def atc_threshold(self) -> float | None:
+        """The confidence above which the fraction of reference samples equals the reference accuracy (ATC)."""
+        acc = self.summary.accuracy
+        return None if acc is None or self.summary.confidences.n == 0 else atc_threshold(self.summary.confidences, acc)
+
     def check_model(self, model_sha256: str, *, model_ref: str = "the model") -> None:
         """Raise :class:`FingerprintError` unless ``model_sha256`` is the file this fingerprint was made from."""
         if model_sha256 != self.model_sha256:
@@ -142,6 +149,7 @@ class Fingerprint:
             "n_samples": self.n_samples,
             "reference_accuracy": self.summary.accuracy,
             "reference_confidence": self.summary.confidence,
+            "atc_threshold": self.atc_threshold,
             "summary": self.summary.to_scalars(),
         }
 
@@ -187,6 +195,12 @@ class Fingerprint:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         if not isinstance(version, int):
             raise FingerprintError(f"fingerprint: {json_path} has no format_version; it is damaged")
+        if version < FORMAT_VERSION:
+            raise FingerprintError(
+                f"fingerprint: {json_path} has format version {version}, which predates the calibrated null "
+                f"(version {FORMAT_VERSION}); recompute it from the reference data (resque fingerprint, or publish "
+                "the model again)"
+            )
         if version > FORMAT_VERSION:
             raise FingerprintError(
                 f"fingerprint: {json_path} has format version {version}, newer than the {FORMAT_VERSION} this "

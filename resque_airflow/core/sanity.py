@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from resque_airflow.core.accumulator import Mergeable
 from resque_airflow.errors import ResqueInputError
 
 # A batch fails a check when more than this fraction of its rows are constant (or all zero) while the reference
@@ -22,7 +23,7 @@ RANGE_FACTOR = 100.0
 MIN_ROWS_FOR_SINGLE_CLASS = 10
 
 
-class InputStats:
+class InputStats(Mergeable):
     """Counts over the rows fed to the model: value range, constant rows, all-zero rows; mergeable.
 
     Example:
@@ -55,21 +56,15 @@ class InputStats:
         self.maximum = float(max(self.maximum, hi.max()))
         return self
 
-    def __iadd__(self, other: InputStats) -> InputStats:
-        if not isinstance(other, InputStats):
-            raise TypeError(f"cannot merge InputStats with {type(other).__name__}")
+    def _signature(self) -> dict[str, int]:
+        return {}
+
+    def _merge(self, other: InputStats) -> None:
         self.n += other.n
         self.constant += other.constant
         self.zero += other.zero
         self.minimum = float(min(self.minimum, other.minimum))
         self.maximum = float(max(self.maximum, other.maximum))
-        return self
-
-    def __add__(self, other: InputStats) -> InputStats:
-        out = InputStats()
-        out += self
-        out += other
-        return out
 
     def to_dict(self) -> dict:
         finite = self.n > 0

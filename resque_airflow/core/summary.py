@@ -12,8 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from resque_airflow.core.accumulator import Mergeable
+from resque_airflow.core.atc import ConfidenceHistogram
+from resque_airflow.core.bootstrap import DEFAULT_REPLICATES, ReplicateSums
 from resque_airflow.core.classsums import ClassSums, check_features, check_labels
 from resque_airflow.core.metrics import ks_mean, mmd_linear, resque_dist, resque_task
+from resque_airflow.core.null import Pool
+from resque_airflow.core.sanity import InputStats
 from resque_airflow.errors import ResqueInputError, check_choice
 
 LABEL_SOURCES = ("given", "predicted", "none")
@@ -49,22 +53,25 @@ class Reservoir(Mergeable):
         resque_airflow.errors.ResqueInputError: Reservoir: cannot merge one with dim=3 into one with dim=2
     """
 
-    def __init__(self, size: int, dim: int, seed: int = 0) -> None:
+    def __init__(self, size: int, dim: int, seed: int = 0, *, extra: int = 0) -> None:
         self.size = int(size)
         self.dim = int(dim)
         self.seen = 0
         self.x = np.zeros((0, self.dim), np.float32)
         self.y = np.zeros(0, np.int64)
+        self.extra = np.zeros((0, int(extra)), np.float64)  # per-row columns kept with each sampled row
         self._rng = np.random.default_rng(seed)
 
-    def update(self, x: np.ndarray, y: np.ndarray) -> Reservoir:
-        """Offer ``(n, D)`` rows with their ``(n,)`` int labels (-1 where unknown); returns ``self``."""
+    def update(self, x: np.ndarray, y: np.ndarray, extra: np.ndarray | None = None) -> Reservoir:
+        """Offer ``(n, D)`` rows with their ``(n,)`` int labels (-1 where unknown) and ``(n, E)`` extra columns."""
+        e = np.zeros((x.shape[0], self.extra.shape[1])) if extra is None else np.asarray(extra, np.float64)
         room = self.size - self.x.shape[0]
         if room > 0:
             take = min(room, x.shape[0])
             self.x = np.concatenate([self.x, x[:take].astype(np.float32)])
             self.y = np.concatenate([self.y, np.asarray(y[:take], np.int64)])
-            x, y, self.seen = x[take:], y[take:], self.seen + take
+            self.extra = np.concatenate([self.extra, e[:take]])
+            x, y, e, self.seen = x[take:], y[take:], e[take:], self.seen + take
         if x.shape[0] == 0:
             return self
         # Row i replaces a random slot with probability size / (seen + i + 1).
@@ -72,11 +79,12 @@ class Reservoir(Mergeable):
         hit = np.flatnonzero(slots < self.size)
         self.x[slots[hit]] = x[hit]
         self.y[slots[hit]] = y[hit]
+        self.extra[slots[hit]] = e[hit]
         self.seen += x.shape[0]
         return self
 
     def _signature(self) -> dict[str, int]:
-        return {"size": self.size, "dim": self.dim}
+        return {"size": self.size, "dim": self.dim, "extra": self.extra.shape[1]}
 
     def _merge(self, other: Reservoir) -> None:
         n1, n2 = self.seen, other.seen
@@ -87,6 +95,7 @@ class Reservoir(Mergeable):
         b = self._rng.choice(other.x.shape[0], s - k, replace=False)
         self.x = np.concatenate([self.x[a], other.x[b]])
         self.y = np.concatenate([self.y[a], other.y[b]])
+        self.extra = np.concatenate([self.extra[a], other.extra[b]])
         self.seen = n1 + n2
 
     def __repr__(self) -> str:
@@ -124,7 +133,15 @@ class FeatureSummary(Mergeable):
         FeatureSummary: cannot merge one with sample_size=5 into one with sample_size=3
     """
 
-    def __init__(self, num_classes: int, dim: int, *, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        sample_size: int = DEFAULT_SAMPLE_SIZE,
+        replicates: int = DEFAULT_REPLICATES,
+        seed: int = 0,
+    ):
         self.num_classes = int(num_classes)
         self.dim = int(dim)
         self.sample_size = int(sample_size)
@@ -134,7 +151,14 @@ class FeatureSummary(Mergeable):
         self.correct = 0
         self.confidence_sum = 0.0
         self.n_logits = 0
-        self.sample = Reservoir(self.sample_size, self.dim, seed)
+        # Sampled rows keep their predicted class and confidence: the pool of the calibrated null (core.null).
+        self.sample = Reservoir(self.sample_size, self.dim, seed, extra=2)
+        self.replicates = {
+            source: ReplicateSums(k, self.dim, replicates)
+            for source, k in (("given", self.num_classes), ("predicted", self.num_classes), ("none", 1))
+        }
+        self.confidences = ConfidenceHistogram()
+        self.inputs = InputStats()  # what the model was fed (the pipeline updates it): data sanity
 
     @property
     def sample_x(self) -> np.ndarray:
@@ -150,6 +174,11 @@ class FeatureSummary(Mergeable):
     def n(self) -> int:
         """Samples seen."""
         return self.pooled.n
+
+    @property
+    def pool(self) -> Pool:
+        """The sampled rows with their given and predicted classes and confidences (the null's pool)."""
+        return Pool(self.sample.x, self.sample.y, self.sample.extra[:, 0].astype(np.int64), self.sample.extra[:, 1])
 
     @property
     def accuracy(self) -> float | None:
@@ -172,27 +201,41 @@ class FeatureSummary(Mergeable):
             return self
         y = None if labels is None else check_labels(labels, self.num_classes, n)
         self.pooled.update(x)
+        self.replicates["none"].update(x)
         if y is not None:
             self.given.update(x, y)
+            self.replicates["given"].update(x, y)
+        pred, conf = np.full(n, -1, np.int64), np.full(n, np.nan)
         if logits is not None:
-            z = np.asarray(logits)
-            if z.ndim != 2 or z.shape[0] != n:
-                raise ResqueInputError(f"logits: expected shape ({n}, C), got {z.shape}")
-            if z.shape[1] != self.num_classes:
-                raise ResqueInputError(
-                    f"logits: the model predicts {z.shape[1]} classes but the fingerprint has {self.num_classes}"
-                )
-            pred = z.argmax(axis=1)
-            self.predicted.update(x, pred)
-            self.confidence_sum += float(softmax_confidence(z).sum())
-            self.n_logits += n
-            if y is not None:
-                self.correct += int((pred == y).sum())
-        self.sample.update(x, y if y is not None else np.full(n, -1, np.int64))
+            pred, conf = self._update_logits(x, logits, y)
+        self.sample.update(x, y if y is not None else np.full(n, -1, np.int64), np.column_stack([pred, conf]))
         return self
 
+    def _update_logits(self, x: np.ndarray, logits: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        n = x.shape[0]
+        z = np.asarray(logits)
+        if z.ndim != 2 or z.shape[0] != n:
+            raise ResqueInputError(f"logits: expected shape ({n}, C), got {z.shape}")
+        if z.shape[1] != self.num_classes:
+            raise ResqueInputError(
+                f"logits: the model predicts {z.shape[1]} classes but the fingerprint has {self.num_classes}"
+            )
+        pred = z.argmax(axis=1)
+        conf = softmax_confidence(z)
+        self.predicted.update(x, pred)
+        self.replicates["predicted"].update(x, pred)
+        self.confidence_sum += float(conf.sum())
+        self.confidences.update(conf)
+        self.n_logits += n
+        if y is not None:
+            self.correct += int((pred == y).sum())
+        return pred, conf
+
     def _signature(self) -> dict[str, int]:
-        return {"num_classes": self.num_classes, "dim": self.dim, "sample_size": self.sample_size}
+        return {
+            "num_classes": self.num_classes, "dim": self.dim, "sample_size": self.sample_size,
+            "replicates": self.replicates["none"].replicates,
+        }  # fmt: skip
 
     def _merge(self, other: FeatureSummary) -> None:
         self.given += other.given
@@ -202,6 +245,10 @@ class FeatureSummary(Mergeable):
         self.confidence_sum += other.confidence_sum
         self.n_logits += other.n_logits
         self.sample += other.sample
+        for source, reps in self.replicates.items():
+            reps += other.replicates[source]
+        self.confidences += other.confidences
+        self.inputs += other.inputs
 
     def __repr__(self) -> str:
         return (
@@ -216,7 +263,12 @@ class FeatureSummary(Mergeable):
             "given_sums": self.given.sums, "given_counts": self.given.counts,
             "predicted_sums": self.predicted.sums, "predicted_counts": self.predicted.counts,
             "pooled_sums": self.pooled.sums, "pooled_counts": self.pooled.counts,
-            "sample_x": self.sample_x, "sample_y": self.sample_y,
+            "sample_x": self.sample_x, "sample_y": self.sample_y, "sample_extra": self.sample.extra,
+            "confidence_counts": self.confidences.counts,
+        } | {
+            f"{source}_rep_{part}": arr
+            for source, reps in self.replicates.items()
+            for part, arr in (("sums", reps.sums), ("weights", reps.weights))
         }  # fmt: skip
 
     def to_scalars(self) -> dict:
@@ -224,12 +276,16 @@ class FeatureSummary(Mergeable):
         return {
             "num_classes": self.num_classes, "dim": self.dim, "sample_size": self.sample_size,
             "correct": self.correct, "confidence_sum": self.confidence_sum, "n_logits": self.n_logits,
+            "replicates": self.replicates["none"].replicates, "inputs": self.inputs.to_dict(),
         }  # fmt: skip
 
     @classmethod
     def from_parts(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> FeatureSummary:
         """Rebuild a summary from :meth:`to_scalars` and :meth:`to_arrays`; raises on inconsistent widths."""
-        out = cls(scalars["num_classes"], scalars["dim"], sample_size=scalars["sample_size"])
+        out = cls(
+            scalars["num_classes"], scalars["dim"], sample_size=scalars["sample_size"],
+            replicates=scalars["replicates"],
+        )  # fmt: skip
         out.given = ClassSums.from_arrays(arrays["given_sums"], arrays["given_counts"])
         out.predicted = ClassSums.from_arrays(arrays["predicted_sums"], arrays["predicted_counts"])
         out.pooled = ClassSums.from_arrays(arrays["pooled_sums"], arrays["pooled_counts"])
@@ -238,7 +294,18 @@ class FeatureSummary(Mergeable):
         out.n_logits = int(scalars["n_logits"])
         out.sample.x = np.asarray(arrays["sample_x"], np.float32).reshape(-1, out.dim)
         out.sample.y = np.asarray(arrays["sample_y"], np.int64)
+        out.sample.extra = np.asarray(arrays["sample_extra"], np.float64).reshape(-1, 2)
         out.sample.seen = out.n
+        if not out.sample.x.shape[0] == out.sample.y.shape[0] == out.sample.extra.shape[0]:
+            raise ResqueInputError("summary: the feature sample's arrays differ in length")
+        out.replicates = {
+            source: ReplicateSums.from_arrays(arrays[f"{source}_rep_sums"], arrays[f"{source}_rep_weights"])
+            for source in out.replicates
+        }
+        out.confidences.counts = np.asarray(arrays["confidence_counts"], np.int64)
+        if out.confidences.counts.shape != (out.confidences.bins,):
+            raise ResqueInputError(f"summary: confidence histogram has shape {out.confidences.counts.shape}")
+        out.inputs = InputStats.from_dict(scalars["inputs"])
         for name, cs in (("given", out.given), ("predicted", out.predicted), ("pooled", out.pooled)):
             if cs.dim != out.dim:
                 raise ResqueInputError(f"summary: {name} sums have width {cs.dim}, expected {out.dim}")

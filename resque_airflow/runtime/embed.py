@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EmbeddedBatch:
-    """Pooled features ``(n, D)`` float32, logits ``(n, C)`` float32 or None, labels ``(n,)`` or None."""
+    """Pooled features ``(n, D)`` float32, logits ``(n, C)`` float32 or None, labels ``(n,)`` or None, and the
+    ``(n, ...)`` input the model was fed (for the data-sanity statistics)."""
 
     features: np.ndarray
     logits: np.ndarray | None
     labels: np.ndarray | None
+    inputs: np.ndarray | None = None
 
 
 def prefetch(batches: Iterable[Batch], depth: int = 2) -> Iterator[Batch]:
@@ -169,4 +171,4 @@ class Embedder:
         """Yield one :class:`EmbeddedBatch` per input batch, reading ahead in a background thread."""
         for b, device_input in prefetch(self._staged(batches), prefetch_depth):
             feats, logits = self.run(b.x, device_input)
-            yield EmbeddedBatch(feats, logits, b.y)
+            yield EmbeddedBatch(feats, logits, b.y, b.x)

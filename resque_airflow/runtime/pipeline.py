@@ -16,8 +16,11 @@ from typing import TypeVar
 
 import numpy as np
 
+from resque_airflow.core.calibration import Calibration, calibrate
 from resque_airflow.core.fingerprint import Fingerprint, ImageSpec, InputSpec, sha256_bytes
 from resque_airflow.core.metrics import DistScore, resque_dist, resque_task
+from resque_airflow.core.null import DEFAULT_ALPHA
+from resque_airflow.core.sanity import SanityProblem, sanity_problems
 from resque_airflow.core.summary import (
     DEFAULT_SAMPLE_SIZE,
     FeatureSummary,
@@ -154,6 +157,8 @@ def _pass(
 
 
 def _update_summary(summary: FeatureSummary, eb: EmbeddedBatch) -> FeatureSummary:
+    if eb.inputs is not None:
+        summary.inputs.update(eb.inputs)
     return summary.update(eb.features, eb.logits, eb.labels)
 
 
@@ -226,10 +231,13 @@ class ScoreResult:
     classes_missing: list[int] = field(default_factory=list)
     signals: dict[str, float | None] = field(default_factory=dict)
     seconds: float = 0.0
+    interval: list[float] | None = None
+    calibration: Calibration | None = None
+    sanity: list[SanityProblem] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """Every field, with ``per_class`` keyed by strings (JSON object keys)."""
-        out = asdict(self)
+        """Every field, with ``per_class`` keyed by strings (JSON object keys) and the calibration as a dict."""
+        out = asdict(self) | {"calibration": None if self.calibration is None else self.calibration.to_dict()}
         out["per_class"] = {str(k): v for k, v in self.per_class.items()}
         return out
 
@@ -283,9 +291,12 @@ def dist_result(
     data_uri: str,
     data_hash: str,
     seconds: float = 0.0,
+    alpha: float = DEFAULT_ALPHA,
 ) -> ScoreResult:
-    """Score a new-data summary (one pass, or merged shards) against the fingerprint."""
+    """Score a new-data summary (one pass, or merged shards) against the fingerprint, calibrated at ``alpha``."""
     dist, signals = score_summary(fingerprint, summary, label_source=label_source)
+    ref = fingerprint.summary
+    both_labelled = ref.given.n and summary.given.n
     return ScoreResult(
         mode="dist",
         score=dist.value,
@@ -302,7 +313,13 @@ def dist_result(
         classes_missing=dist.classes_missing,
         signals=signals,
         seconds=seconds,
-    )
+        calibration=(cal := calibrate(ref, summary, label_source=label_source, alpha=alpha)),
+        interval=list(cal.interval),
+        sanity=sanity_problems(
+            ref.inputs, summary.inputs, reference_classes=ref.given.counts if both_labelled else None,
+            new_classes=summary.given.counts if both_labelled else None,
+        ),
+    )  # fmt: skip
 
 
 def score_dist(
@@ -316,6 +333,7 @@ def score_dist(
     progress: Progress | None = None,
     model_ref: str | None = None,
     model_sha256: str | None = None,
+    alpha: float = DEFAULT_ALPHA,
 ) -> ScoreResult:
     """RESQUE_dist of ``data`` against ``fingerprint`` with ``model`` (sha256-checked before anything runs).
 
@@ -334,7 +352,7 @@ def score_dist(
     imports.join()
     return dist_result(
         fingerprint, summary, label_source=label_source, provider=embedder.provider, data_uri=data,
-        data_hash=stats.data_hash, seconds=stats.seconds,
+        data_hash=stats.data_hash, seconds=stats.seconds, alpha=alpha,
     )  # fmt: skip
 
 
