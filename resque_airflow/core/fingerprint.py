@@ -19,7 +19,7 @@ import numpy as np
 
 from resque_airflow.core.atc import atc_threshold
 from resque_airflow.core.summary import FeatureSummary
-from resque_airflow.errors import FingerprintError
+from resque_airflow.errors import FingerprintError, ResqueInputError
 
 FORMAT_VERSION = 2  # 2: bootstrap replicates, the null's pool columns, confidence histogram, input statistics
 JSON_NAME = "fingerprint.json"
@@ -40,44 +40,188 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+IMAGE_MODES = ("L", "RGB", "BGR")
+IMAGE_LAYOUTS = ("NCHW", "NHWC")
+RESIZE_POLICIES = ("stretch", "keep-aspect", "center-crop", "height")
+TEXT_PADDING = ("max_length", "longest")
+
+
+def _choice(what: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ResqueInputError(f"{what}: expected one of {choices}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ImageSpec:
-    """How raw images become model input: ``((pixel * scale) - mean) / std``, channels first.
+    """How raw images become model input, declared once (at publish time) and applied by the image reader.
+
+    Each image is converted to ``mode``, resized by ``resize`` to ``size`` (the model's fixed ``(H, W)`` when None),
+    turned into ``((pixel * scale) - mean) / std`` per channel, and laid out as ``layout``.
 
     Attributes:
-        mode: PIL mode the image is converted to, ``"L"`` (1 channel) or ``"RGB"`` (3 channels).
+        mode: ``"L"`` (1 channel), ``"RGB"`` or ``"BGR"`` (3 channels, in that order).
         scale: multiplier applied to 0..255 pixel values (``1/255`` maps to [0, 1]).
-        mean, std: per-channel normalisation after scaling.
+        mean, std: per-channel normalisation after scaling: one value, or one per channel.
+        layout: ``"NCHW"`` or ``"NHWC"``; None: read from the model's input shape (channels-last when its last axis
+            is 1 or 3 and its second is not).
+        resize: ``"stretch"`` to ``size`` (aspect not kept); ``"keep-aspect"`` (fit inside ``size``, centred,
+            padded with 0 after normalisation); ``"center-crop"`` (shorter side to fit, then the centre);
+            ``"height"`` (height to ``size[0]``, width by aspect up to ``max_width``, padded on the right with 0
+            after normalisation: text-line models with a dynamic width).
+        size: ``(H, W)``; None: the model input's fixed size (required for a dynamic-size model, except the height
+            for ``resize="height"``, which needs ``max_width``).
+        max_width: the padded width of ``resize="height"`` (a dynamic-width model's widest input).
     """
 
     mode: str = "RGB"
     scale: float = 1.0 / 255.0
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    layout: str | None = None
+    resize: str = "stretch"
+    size: tuple[int, int] | None = None
+    max_width: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("image mode (--image-mode)", self.mode, IMAGE_MODES)
+        _choice("image resize (--image-resize)", self.resize, RESIZE_POLICIES)
+        if self.layout is not None:
+            _choice("image layout (--image-layout)", self.layout, IMAGE_LAYOUTS)
+        channels = self.channels
+        for what, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise ResqueInputError(
+                    f"image {what} (--image-{what}): {len(values)} values {tuple(values)} for mode {self.mode!r}, "
+                    f"which has {channels} channel{'s' if channels > 1 else ''}; give 1 or {channels} values"
+                )
+        if any(float(s) == 0.0 for s in self.std):
+            raise ResqueInputError(f"image std (--image-std): {tuple(self.std)} contains 0; give non-zero values")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ResqueInputError(f"image size (--image-size): expected two positive integers H,W, got {self.size}")
+        if self.max_width is not None and self.max_width < 1:
+            raise ResqueInputError(f"image max width (--image-max-width): expected >= 1, got {self.max_width}")
+
+    @property
+    def channels(self) -> int:
+        """1 for ``"L"``, else 3."""
+        return 1 if self.mode == "L" else 3
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageSpec:
+        """The spec of :meth:`to_dict` (fields missing from older fingerprints take their defaults)."""
+        size = d.get("size")
+        return cls(
+            mode=d["mode"], scale=float(d["scale"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+            layout=d.get("layout"), resize=d.get("resize", "stretch"), size=None if size is None else tuple(size),
+            max_width=d.get("max_width"),
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """How raw text becomes token inputs: a Hugging Face ``tokenizers`` tokenizer and its settings.
+
+    The tokenizer's JSON travels inside the fingerprint (bound by ``tokenizer_sha256``), so a gate on raw text needs
+    nothing but the data.
+
+    Attributes:
+        tokenizer_json: the ``tokenizer.json`` content.
+        tokenizer_sha256: its sha256 (checked on load).
+        column: the text column of Parquet / field of ``.jsonl`` data.
+        max_length: truncation length in tokens (special tokens included).
+        padding: ``"max_length"`` (every row padded to ``max_length``) or ``"longest"`` (to the batch's longest).
+        ids_input, mask_input, type_ids_input: the model inputs fed with the token ids, the attention mask and the
+            token type ids (None where the model has no such input).
+    """
+
+    tokenizer_json: str
+    tokenizer_sha256: str
+    column: str = "text"
+    max_length: int = 128
+    padding: str = "max_length"
+    ids_input: str = "input_ids"
+    mask_input: str | None = None
+    type_ids_input: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("text padding (--text-padding)", self.padding, TEXT_PADDING)
+        if not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ResqueInputError(f"text max length (--max-length): expected >= 1, got {self.max_length!r}")
+        if sha256_bytes(self.tokenizer_json.encode()) != self.tokenizer_sha256:
+            raise FingerprintError("fingerprint: the stored tokenizer does not match its sha256; it is damaged")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextSpec:
+        """The spec of :meth:`to_dict`."""
+        return cls(**{k: d[k] for k in d if k in cls.__dataclass_fields__})
+
+    def to_dict(self, *, with_tokenizer: bool = True) -> dict:
+        """JSON-ready fields (``with_tokenizer=False``: without the tokenizer's JSON, for display)."""
+        out = asdict(self)
+        if not with_tokenizer:
+            out.pop("tokenizer_json")
+        return out
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input: name, numpy dtype name (``"float32"``, ``"int64"`` ...), shape (None for dynamic axes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The model's input: tensor name, shape (None for dynamic axes), dtype, and image scaling if any."""
+    """The model's inputs and how data becomes them.
+
+    Attributes:
+        name, shape, dtype: the main input (the first float input, else the first input): the one whose statistics
+            the data-sanity checks keep, and the one images are decoded into.
+        image: image preprocessing (image-folder data), if any.
+        text: tokenization (raw-text data), if any.
+        inputs: every model input, in the graph's order (empty: the main input is the only one).
+        label_column: the labels' column of Parquet / field of ``.jsonl`` data.
+    """
 
     name: str
     shape: tuple[int | None, ...]
     dtype: str = "float32"
     image: ImageSpec | None = None
+    text: TextSpec | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    label_column: str = "label"
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        """Every model input (the main one alone when ``inputs`` is empty)."""
+        return self.inputs or (TensorSpec(self.name, self.dtype, tuple(self.shape)),)
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
-        image = d.get("image")
+        """The spec of :meth:`to_dict`."""
+        image, text = d.get("image"), d.get("text")
         return cls(
             name=d["name"],
             shape=tuple(d["shape"]),
             dtype=d.get("dtype", "float32"),
-            image=None
-            if image is None
-            else ImageSpec(
-                mode=image["mode"], scale=image["scale"], mean=tuple(image["mean"]), std=tuple(image["std"])
-            ),
+            image=None if image is None else ImageSpec.from_dict(image),
+            text=None if text is None else TextSpec.from_dict(text),
+            inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d.get("inputs", ())),
+            label_column=d.get("label_column", "label"),
         )
+
+    def to_dict(self, *, with_tokenizer: bool = True) -> dict:
+        """JSON-ready fields (``with_tokenizer=False``: without the tokenizer's JSON, for display)."""
+        out = asdict(self)
+        if self.text is not None:
+            out["text"] = self.text.to_dict(with_tokenizer=with_tokenizer)
+        return out
 
 
 @dataclass
@@ -143,7 +287,7 @@ class Fingerprint:
             "layer": self.layer,
             "pooling": self.pooling,
             "logits_output": self.logits_output,
-            "input_spec": asdict(self.input_spec),
+            "input_spec": self.input_spec.to_dict(),
             "class_names": self.class_names,
             "data_uri": self.data_uri,
             "n_samples": self.n_samples,
