@@ -37,6 +37,29 @@ def summarise(model: nn.Module, x: np.ndarray, labels: np.ndarray | None, num_cl
     return s
 
 
+def calibration_columns(reference: FeatureSummary, new: FeatureSummary) -> dict:
+    """The calibrated view of a run (the gate's own ``calibrate``), with labels and label-free.
+
+    ``null_q`` / ``p_value`` / ``detected``: RESQUE_dist against its null at alpha = 0.01 and this batch size;
+    ``interval_*``: the 90% bootstrap interval; ``accuracy`` (measured) and ``atc_accuracy`` (estimated without
+    labels); ``_predicted`` columns: the same under the model's own predicted labels.
+    """
+    from resque_airflow.core.calibration import calibrate
+
+    out: dict = {"reference_accuracy": reference.accuracy}
+    for source, suffix in (("given", ""), ("predicted", "_predicted")):
+        cal = calibrate(reference, new, label_source=source)
+        out |= {
+            f"null_q{suffix}": cal.detection.quantile, f"p_value{suffix}": cal.detection.p_value,
+            f"detected{suffix}": int(cal.detection.detected), f"interval_low{suffix}": cal.interval[0],
+            f"interval_high{suffix}": cal.interval[1],
+        }  # fmt: skip
+        if source == "given":
+            out["accuracy"] = None if cal.measured is None else cal.measured.value
+            out["atc_accuracy"] = None if cal.estimated is None else cal.estimated.value
+    return out
+
+
 def cost_columns(cost: RetrainCost, prefix: str = "") -> dict:
     """The measured-cost columns of a CSV row (``grad_norm`` is the first epoch's mean)."""
     return {
@@ -73,7 +96,8 @@ def run_dist(cfg, splits: DigitsSplits, source: nn.Module, reference: FeatureSum
                 name: apply_shift(getattr(splits, name).x, shift, severity, 1000 * seed + off)
                 for name, off in SHIFT_SEED_OFFSETS.items()
             }
-            signals = companion_signals(reference, summarise(source, data["test"], splits.test.y))
+            new = summarise(source, data["test"], splits.test.y)
+            signals = companion_signals(reference, new) | calibration_columns(reference, new)
             signal_s = time.perf_counter() - t0
             train = (data["train"], splits.train.y, data["heldout"], splits.heldout.y)
             common = dict(target_accuracy=target, max_epochs=cfg.cap_epochs, lr=cfg.lr, batch_size=cfg.batch_size)

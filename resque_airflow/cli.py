@@ -67,16 +67,33 @@ def print_result(result: dict, as_json: bool) -> None:
 
     console = Console()
     head = f"RESQUE_{result['mode']} = [bold]{result['score']:.4f}[/bold]"
+    if result.get("interval"):
+        lo, hi = result["interval"]
+        head += f"  (90% interval {lo:.4f}-{hi:.4f})"
     if result.get("decision"):
         head += f"  ->  [bold]{result['decision']}[/bold]"
     console.print(head)
+    cal = result.get("calibration")
+    if cal:
+        det = cal["detection"]
+        console.print(
+            f"shift {'detected' if det['detected'] else 'not detected'} at false-alarm rate {det['alpha']:g}: null "
+            f"quantile {det['null_quantile']:.4f} at n={result['n_samples']}, p = {det['p_value']:.3g}"
+        )
+        for name in ("accuracy_measured", "accuracy_estimated"):
+            if cal.get(name):
+                a = cal[name]
+                console.print(f"{name.replace('_', ' ')}: {a['value']:.3f} ({a['low']:.3f}-{a['high']:.3f})")
+    if result.get("reason"):
+        console.print(f"why: {result['reason']}")
     console.print(
         f"{result['n_samples']} samples, {result.get('n_classes', '?')} classes, labels={result.get('label_source')}, "
         f"provider={result['provider']}, layer={result.get('layer')}"
     )
     if result.get("prediction"):
         p = result["prediction"]
-        console.print(f"predicted retraining cost: {p}")
+        console.print(f"predicted fine-tuning cost: {p['predicted']:.4g} [{p['low']:.4g}, {p['high']:.4g}] "
+                      f"{p.get('unit', '')} ({p.get('basis')}), rebuild cost {p['rebuild_cost']:.4g}")  # fmt: skip
     signals = {k: v for k, v in (result.get("signals") or {}).items() if v is not None}
     if signals:
         console.print("signals: " + ", ".join(f"{k}={v:.4g}" for k, v in signals.items()))
@@ -122,7 +139,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             fp = Fingerprint.load(args.fingerprint)
             result = pipeline.score_dist(
                 args.model, fp, args.data, label_source=args.labels, provider=args.provider,
-                batch_size=args.batch_size, progress=progress,
+                batch_size=args.batch_size, progress=progress, alpha=args.alpha,
             )  # fmt: skip
         else:
             result = pipeline.score_task(
@@ -179,7 +196,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     request = GateRequest(
         model_uri=args.model_uri, data=args.data, mode=args.mode, label_source=args.labels, layer=args.layer,
         provider=args.provider, reuse_threshold=args.reuse_threshold, rebuild_threshold=args.rebuild_threshold,
-        experiment_name=args.experiment, batch_size=args.batch_size,
+        experiment_name=args.experiment, batch_size=args.batch_size, alpha=args.alpha,
+        price_per_kwh=args.price_per_kwh, value_per_accuracy_point=args.value_per_accuracy_point,
     )  # fmt: skip
     with progress_bar("gate", not args.json) as progress:
         outcome = run_gate(request, client=make_client(args.tracking_uri, args.registry_uri), progress=progress)
@@ -228,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fingerprint", required=True)
     d.add_argument("--data", required=True)
     d.add_argument("--labels", default="given", choices=["given", "predicted", "none"])
+    d.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate of the calibrated shift test")
     common(d, layer=False)
     images(d)
     d.set_defaults(func=cmd_score)
@@ -270,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reuse-threshold", type=float, default=None)
     g.add_argument("--rebuild-threshold", type=float, default=None)
     g.add_argument("--experiment", default=names.DEFAULT_EXPERIMENT)
+    g.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate of the calibrated shift test")
+    g.add_argument("--price-per-kwh", type=float, default=None, help="money per kWh of retraining energy")
+    g.add_argument("--value-per-accuracy-point", type=float, default=None,
+                   help="money one accuracy point is worth over the period the model serves")  # fmt: skip
     common(g)
     g.set_defaults(func=cmd_gate)
 

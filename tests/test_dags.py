@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,23 +167,30 @@ def test_failures_fail_the_gate_and_leave_tags_unchanged(champion, tmp_path):
     assert dict(client.get_model_version("tamper-me", "1").tags) == before
 
 
-def test_cost_aware_decision_with_a_history(champion):
-    """With MIN_HISTORY retrain runs on file, retrain vs rebuild follows predicted cost against the rebuild cost."""
+def test_cost_aware_decision_narrows_with_history(champion):
+    """A fresh model's forecast comes from the shipped prior; its own retrain history corrects and narrows it."""
     from mlflow.entities import Metric
 
-    from resque_airflow.core.costmodel import MIN_HISTORY
     from resque_airflow.registry.client import ensure_experiment
 
-    uri, data, _ = champion
+    uri, data, home = champion
     client = make_client(uri)
+    conf = {"model_name": "costly", "data_uri": str(data["shifted"]), "max_epochs": 1}
+    dag = load_dag("resque_gate")
+    first = gate_run_of(uri, dag.test(run_conf=conf))
+    assert first.data.tags[names.POLICY_TAG].startswith("calibrated")
+    m0 = first.data.metrics
+    assert (
+        m0["predicted_steps_to_target_low"] <= m0["predicted_steps_to_target"] <= m0["predicted_steps_to_target_high"]
+    )
     gate_exp = ensure_experiment(client, names.DEFAULT_EXPERIMENT)
     retrain_exp = ensure_experiment(client, names.RETRAIN_EXPERIMENT)
     rng = np.random.default_rng(0)
-    for _ in range(MIN_HISTORY + 5):  # a history of past gates and the retraining each triggered
-        signals = {"resque_dist": rng.uniform(0, 0.1), "mmd": rng.uniform(0, 1), "acc_drop": rng.uniform(0, 0.5)}
+    for _ in range(12):  # a history of past gates and what the retraining each triggered really cost
+        signals = {"excess": rng.uniform(1, 6), "accuracy_drop_relative": rng.uniform(0, 0.5)}
         gate = client.create_run(gate_exp, tags={names.KIND_TAG: names.KIND_GATE, names.MODEL_NAME_TAG: "costly"})
         client.log_batch(gate.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in signals.items()])
-        steps = 20 + 4000 * signals["resque_dist"] + 200 * signals["acc_drop"] * rng.uniform(0.9, 1.1)
+        steps = m0["rebuild_cost"] * 0.1 * rng.uniform(0.9, 1.1)  # fine-tuning always took ~10% of a rebuild
         tags = {
             names.KIND_TAG: names.KIND_RETRAIN,
             names.MODEL_NAME_TAG: "costly",
@@ -192,15 +200,21 @@ def test_cost_aware_decision_with_a_history(champion):
         client.log_batch(
             run.info.run_id, metrics=[Metric("steps_to_target", steps, 0, 0), Metric("censored", 0.0, 0, 0)]
         )
-    conf = {"model_name": "costly", "data_uri": str(data["shifted"]), "max_epochs": 1, "reuse_threshold": 0.0}
-    dr = load_dag("resque_gate").test(run_conf=conf)
+    dr = dag.test(run_conf=conf)
     run = gate_run_of(uri, dr)
     m = run.data.metrics
-    assert run.data.tags[names.POLICY_TAG] == "cost_model" and run.data.params["policy"] == "cost_model"
-    assert m["predicted_steps_to_target_low"] <= m["predicted_steps_to_target"] <= m["predicted_steps_to_target_high"]
-    expected = "retrain" if m["predicted_steps_to_target"] < m["rebuild_cost"] else "rebuild"
-    assert run.data.tags[names.DECISION_TAG] == expected
-    assert states(dr)[expected] == "success"
+    result = json.loads(
+        Path(client.download_artifacts(run.info.run_id, names.GATE_RESULT_ARTIFACT, str(home))).read_text()
+    )
+    assert result["prediction"]["basis"] == "prior+history" and result["prediction"]["n_history"] == 12
+    assert "predicted fine-tuning" in run.data.tags[names.REASON_TAG]
+    width0 = m0["predicted_steps_to_target_high"] - m0["predicted_steps_to_target_low"]
+    width = m["predicted_steps_to_target_high"] - m["predicted_steps_to_target_low"]
+    assert width < width0  # twelve runs of consistent history narrow the prior's interval
+    rel0, rel = (x["predicted_steps_to_target"] / x["rebuild_cost"] for x in (m0, m))
+    assert abs(rel - 0.1) <= abs(rel0 - 0.1) + 1e-9  # and pulled towards what this model's retraining really cost
+    decision = run.data.tags[names.DECISION_TAG]
+    assert states(dr)[decision] == "success"
 
 
 def test_accuracy_guard_overrides_a_low_score(champion):

@@ -9,7 +9,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundExceptio
 
 from resque_airflow.errors import NotRegisteredError, RegistryError, ResqueInputError
 from resque_airflow.operators.errors import ResqueBadInputError, ResqueGateError, reported_to_airflow
-from resque_airflow.operators.gate import _threshold
+from resque_airflow.operators.gate import _number
 from resque_airflow.registry import gate
 
 WHERE = {"model_uri": "models:/cnn@champion", "experiment": "resque-gate", "gate_key": "d/r/gate/-1",
@@ -67,9 +67,9 @@ def test_a_shard_names_its_data():
 
 @pytest.mark.parametrize(("value", "expected"), [(None, None), (0.2, 0.2), ("0.25", 0.25), ("None", None), ("", None)])
 def test_rendered_thresholds_become_numbers_or_none(value, expected):
-    assert _threshold("reuse_threshold", value) == expected
+    assert _number("reuse_threshold", value) == expected
 
 
 def test_a_rendered_threshold_that_is_not_a_number_is_bad_input():
-    with pytest.raises(ResqueInputError, match=r"reuse_threshold: expected a number in \[0, 1\], got 'low'"):
-        _threshold("reuse_threshold", "low")
+    with pytest.raises(ResqueInputError, match=r"reuse_threshold: expected a number, got 'low'"):
+        _number("reuse_threshold", "low")

@@ -127,8 +127,10 @@ def replicate_angles(reference: ReplicateSums, new: ReplicateSums, classes: list
     num = np.einsum("bkd,bkd->bk", s, t)
     den = np.linalg.norm(s, axis=2) * np.linalg.norm(t, axis=2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ang = np.arccos(np.clip(num / den, -1.0, 1.0)) / np.pi
-    return np.nanmean(np.where(den > 0, ang, np.nan), axis=1)
+        ang = np.where(den > 0, np.arccos(np.clip(num / den, -1.0, 1.0)) / np.pi, np.nan)
+    ok = np.isfinite(ang)
+    # A replicate in which no compared class drew a sample (tiny batches) has no angle: NaN, left out of the interval.
+    return np.where(ok.any(axis=1), np.where(ok, ang, 0.0).sum(axis=1) / np.maximum(ok.sum(axis=1), 1), np.nan)
 
 
 def basic_interval(value: float, replicates: np.ndarray, coverage: float = 0.9) -> tuple[float, float]:

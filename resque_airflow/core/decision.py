@@ -14,6 +14,7 @@ class Decision(str, enum.Enum):
     REUSE = "reuse"
     RETRAIN = "retrain"
     REBUILD = "rebuild"
+    DATA_ISSUE = "data_issue"  # the batch looks corrupt, not shifted (core.sanity): neither reuse nor retrain
 
     def __str__(self) -> str:
         return self.value

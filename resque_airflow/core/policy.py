@@ -36,11 +36,11 @@ class Prices:
     per_accuracy_point: float | None = None
 
     def validate(self) -> Prices:
-        for name in ("per_kwh", "per_accuracy_point"):
-            v = getattr(self, name)
+        for attr, name in (("per_kwh", "price_per_kwh"), ("per_accuracy_point", "value_per_accuracy_point")):
+            v = getattr(self, attr)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or v < 0):  # fmt: skip
-                raise ResqueInputError(f"price_{name}: expected a non-negative number, got {v!r}")
+                raise ResqueInputError(f"{name}: expected a non-negative number, got {v!r}")
         return self
 
     @property

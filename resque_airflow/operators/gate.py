@@ -29,14 +29,24 @@ class ResqueGateOperator(BaseBranchOperator):
     One forward pass of ``data`` through the model at ``models:/<model_name>@<model_alias>`` (ONNX Runtime; CUDA
     when present) gives RESQUE_dist against the model's fingerprint (``mode="dist"``) or RESQUE_task of a labelled
     new task (``mode="task"``). The score, companion signals and decision are logged as a gate run in the MLflow
-    experiment ``experiment_name``, the model version is tagged, and the DAG branches:
+    experiment ``experiment_name``, the model version is tagged, and the DAG branches to ``reuse_task_id`` (or
+    ``retrain_task_id`` when no reuse branch is given), ``retrain_task_id`` or ``rebuild_task_id``.
 
-    - score <= ``reuse_threshold``: ``reuse_task_id`` (or ``retrain_task_id`` when no reuse branch is given);
-    - score > ``rebuild_threshold``: ``rebuild_task_id``;
-    - otherwise: ``retrain_task_id``.
+    By default (``mode="dist"``) the decision is calibrated to the model and the batch (docs/THRESHOLDS.md):
 
-    The full result (score, decision, model version, gate run id, provider, counts, signals) is returned, so it is
-    pushed to XCom as ``return_value``; it is JSON-serialisable. Branch ids may be task ids or task-group ids.
+    - **reuse** when no shift is detected at false-alarm rate ``alpha`` (RESQUE within its null at this batch
+      size), or when the accuracy (measured with labels, else estimated label-free) meets the retrain target;
+    - **rebuild** when the predicted fine-tuning cost exceeds the model's recorded training cost;
+    - otherwise **retrain**; with ``price_per_kwh`` and ``value_per_accuracy_point``, **reuse** when retraining
+      would cost more than the accuracy it recovers is worth.
+
+    Giving ``reuse_threshold`` or ``rebuild_threshold`` decides on those fixed thresholds instead. A batch that
+    looks corrupt rather than shifted (constant or all-zero inputs, values far outside the reference range, one
+    class only) goes to ``data_issue_task_id``, or fails the task naming the check when none is given.
+
+    The full result (score, interval, null quantile, decision and its reason, model version, gate run id,
+    provider, counts, signals) is returned, so it is pushed to XCom as ``return_value``; it is JSON-serialisable.
+    Branch ids may be task ids or task-group ids.
 
     On bad input the task fails without retry (:class:`ResqueBadInputError`), and so it does when the registry has
     no such model, alias or version; when the registry is unreachable it fails with :class:`ResqueGateError`
@@ -58,6 +68,10 @@ class ResqueGateOperator(BaseBranchOperator):
     :param retrain_task_id: branch for retraining (required).
     :param rebuild_task_id: branch for rebuilding (required).
     :param reuse_task_id: branch for reuse (optional).
+    :param data_issue_task_id: branch for batches that fail the data-sanity checks (optional).
+    :param alpha: false-alarm rate of the calibrated shift test, in (0, 1). (templated)
+    :param price_per_kwh: money per kWh of retraining energy (optional; with ``value_per_accuracy_point``).
+    :param value_per_accuracy_point: money one accuracy point is worth over the period the model serves.
     :param shard_summaries: fan-in: URIs written by mapped
         :class:`~resque_airflow.operators.shard.ResqueShardOperator` tasks; scored instead of ``data``. (templated)
     :param mlflow_conn_id: Airflow connection of type ``mlflow``.
@@ -66,7 +80,7 @@ class ResqueGateOperator(BaseBranchOperator):
 
     template_fields: Sequence[str] = (
         "model_name", "model_alias", "model_version", "data", "experiment_name", "shard_summaries",
-        "reuse_threshold", "rebuild_threshold",
+        "reuse_threshold", "rebuild_threshold", "alpha", "price_per_kwh", "value_per_accuracy_point",
     )  # fmt: skip
     ui_color = "#e8d6f5"
 
@@ -90,9 +104,17 @@ class ResqueGateOperator(BaseBranchOperator):
         experiment_name: str = "resque-gate",
         batch_size: int = 256,
         shard_summaries: list[str] | None = None,
+        data_issue_task_id: str | Iterable[str] | None = None,
+        alpha: float = 0.01,
+        price_per_kwh: float | None = None,
+        value_per_accuracy_point: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.data_issue_task_id = data_issue_task_id
+        self.alpha = alpha
+        self.price_per_kwh = price_per_kwh
+        self.value_per_accuracy_point = value_per_accuracy_point
         self.shard_summaries = shard_summaries
         self.model_name = model_name
         self.model_alias = model_alias
@@ -119,11 +141,14 @@ class ResqueGateOperator(BaseBranchOperator):
 
     def routes(self) -> dict[str, list[str]]:
         """Task (or task-group) ids to follow for each decision: reuse falls back to retrain without a reuse branch."""
-        return {
+        routes = {
             "reuse": _ids(self.reuse_task_id or self.retrain_task_id),
             "retrain": _ids(self.retrain_task_id),
             "rebuild": _ids(self.rebuild_task_id),
         }
+        if self.data_issue_task_id:
+            routes["data_issue"] = _ids(self.data_issue_task_id)
+        return routes
 
     def choose_branch(self, context: Context) -> list[str]:
         """Run the gate and return the branch for its decision; the full result is kept in ``self.outcome``."""
@@ -147,10 +172,12 @@ class ResqueGateOperator(BaseBranchOperator):
 
         return GateRequest(
             model_uri=self.model_uri, data=str(self.data), mode=self.mode, label_source=self.labels, layer=self.layer,
-            provider=self.provider, reuse_threshold=_threshold("reuse_threshold", self.reuse_threshold),
-            rebuild_threshold=_threshold("rebuild_threshold", self.rebuild_threshold),
+            provider=self.provider, reuse_threshold=_number("reuse_threshold", self.reuse_threshold),
+            rebuild_threshold=_number("rebuild_threshold", self.rebuild_threshold),
             experiment_name=self.experiment_name, batch_size=self.batch_size,
             shard_summaries=None if self.shard_summaries is None else [str(u) for u in self.shard_summaries],
+            alpha=_number("alpha", self.alpha), price_per_kwh=_number("price_per_kwh", self.price_per_kwh),
+            value_per_accuracy_point=_number("value_per_accuracy_point", self.value_per_accuracy_point),
         )  # fmt: skip
 
     def execute(self, context: Context) -> dict:
@@ -166,11 +193,11 @@ def _ids(target: str | Iterable[str]) -> list[str]:
     return [target] if isinstance(target, str) else list(target)
 
 
-def _threshold(name: str, value: object) -> float | None:
-    """A threshold argument as the gate takes it: a number, or None for the measured default.
+def _number(name: str, value: object) -> float | None:
+    """A numeric argument as the gate takes it: a number, or None when unset.
 
-    Without ``render_template_as_native_obj`` a templated threshold renders as text: ``"0.2"``, or ``"None"`` (and
-    ``""``) for a param left unset.
+    Without ``render_template_as_native_obj`` a templated number renders as text: ``"0.2"``, or ``"None"`` (and
+    ``""``) for a param left unset. The gate checks the range.
     """
     from resque_airflow.errors import ResqueInputError
 
@@ -181,7 +208,7 @@ def _threshold(name: str, value: object) -> float | None:
     try:
         return float(value)
     except ValueError as exc:
-        raise ResqueInputError(f"{name}: expected a number in [0, 1], got {value!r}") from exc
+        raise ResqueInputError(f"{name}: expected a number, got {value!r}") from exc
 
 
 def _origin(ti) -> Origin:

@@ -32,6 +32,8 @@ def make_client(tracking_uri: str, registry_uri: str | None = None):
     # Against a server, MLflow writes "View run ... at" lines to stdout whenever a run ends (and asks the server
     # for the run to do so): stdout is the CLI's, where `resque gate --json` prints one JSON object.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow draws a download progress bar on stderr for multi-file artifacts: the CLI's error channel stays one line.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)

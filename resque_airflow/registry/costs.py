@@ -1,19 +1,20 @@
-"""A model's retraining history in MLflow, and the cost-aware policy built on it (DESIGN.md 2.5).
+"""A model's retraining cost: its recorded training cost, its retrain history in MLflow, and the forecast.
 
-Every retrain run that a gate triggered carries ``resque.gate_run_id``; joining it to that gate run's signals gives
-one (signals, measured cost) pair. With at least :data:`~resque_airflow.core.costmodel.MIN_HISTORY` uncensored
-pairs, the gate fits a :class:`~resque_airflow.core.costmodel.CostModel`, predicts the retraining cost of the new
-data with an interval, and compares it with the model's recorded rebuild cost (the training cost logged when the
-version was published). Below that, the gate uses thresholds.
+Every retrain run that a gate triggered carries ``resque.gate_run_id``; joining it to that gate run's calibrated
+signals (``excess``, ``accuracy_drop_relative``: :func:`~resque_airflow.core.prior.transfer_signals`) gives one
+(signals, measured cost) pair. :func:`forecast_cost` predicts the fine-tuning cost of new data as a fraction of the
+model's recorded training cost with the shipped cold-start prior, corrected and narrowed by that history
+(:mod:`resque_airflow.core.prior`), so that a model with no history still gets a prediction.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from resque_airflow.core.costmodel import MIN_HISTORY, SIGNALS, CostModel
+from resque_airflow.core.policy import CostForecast
+from resque_airflow.core.prior import PRIOR_SIGNALS, forecast_relative
 from resque_airflow.registry import names
 from resque_airflow.registry.client import registry_call, search_literal
 
@@ -64,7 +65,7 @@ def retrain_history(
             gate = client.get_run(gate_id)
         except Exception:  # the gate run was deleted: the pair is lost, not fatal
             continue
-        signals = {s: gate.data.metrics.get(s) for s in SIGNALS}
+        signals = {s: gate.data.metrics.get(s) for s in PRIOR_SIGNALS}
         censored = bool(run.data.metrics.get(names.CENSORED_METRIC, 0.0))
         points.append(HistoryPoint(gate_id, run.info.run_id, signals, float(cost), censored))
     return points
@@ -79,45 +80,26 @@ def rebuild_cost(client, version, *, cost_metric: str = DEFAULT_COST_METRIC) -> 
     return None if value is None or math.isnan(value) else float(value)
 
 
-@dataclass
-class CostDecision:
-    """What the cost-aware policy predicted and decided (JSON-serialisable via ``to_dict``)."""
-
-    cost_metric: str
-    predicted: float
-    low: float
-    high: float
-    coverage: float
-    rebuild_cost: float
-    n_history: int
-    decision: str
-    weights: dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def cost_policy(
-    client, version, signals: dict, *, cost_metric: str = DEFAULT_COST_METRIC, min_history: int = MIN_HISTORY
-) -> CostDecision | None:
-    """Predict retraining cost from history and choose retrain (cheaper than a rebuild) or rebuild.
-
-    Returns None when the history is shorter than ``min_history`` uncensored points or no rebuild cost is on file:
-    the caller then falls back to thresholds. Censored runs (target not reached within the cap) are left out of the
-    fit: their cost is only a lower bound.
-    """
-    points = [p for p in retrain_history(client, version.name, cost_metric=cost_metric) if not p.censored]
-    rebuild = rebuild_cost(client, version, cost_metric=cost_metric)
-    if len(points) < min_history or rebuild is None:
-        log.info(
-            "cost model not used: %d uncensored retrain runs on file (need %d), rebuild cost %s",
-            len(points), min_history, "on file" if rebuild is not None else "missing",
-        )  # fmt: skip
+def forecast_cost(client, version, features: dict[str, float | None]) -> CostForecast | None:
+    """Predicted fine-tuning cost of data with these ``features`` in the model's own units, or None without a
+    recorded training cost (the gate then decides without costs)."""
+    training = rebuild_cost(client, version)
+    if training is None or training <= 0:
+        log.info("no cost forecast: model %s version %s has no recorded training cost", version.name, version.version)
         return None
-    model = CostModel().fit([p.signals for p in points], [p.cost for p in points])
-    pred = model.predict(signals)
-    decision = names.KIND_RETRAIN if pred.value < rebuild else names.KIND_REBUILD
-    return CostDecision(
-        cost_metric=cost_metric, predicted=pred.value, low=pred.low, high=pred.high, coverage=pred.coverage,
-        rebuild_cost=rebuild, n_history=len(points), decision=decision, weights=model.explain().get("weights", {}),
+    energy = rebuild_cost(client, version, cost_metric="energy_kwh")
+    history = [
+        (p.signals, p.cost / training)
+        for p in retrain_history(client, version.name)
+        if not p.censored  # a censored run's cost is only a lower bound
+    ]
+    rel = forecast_relative(features, history)
+    log.info(
+        "cost forecast (%s, %d runs of history): fine-tuning %.2f [%.2f, %.2f] x the training cost %g steps",
+        rel.basis, rel.n_history, rel.value, rel.low, rel.high, training,
+    )  # fmt: skip
+    return CostForecast(
+        predicted=rel.value * training, low=rel.low * training, high=rel.high * training, rebuild=training,
+        unit="steps", basis=rel.basis, n_history=rel.n_history,
+        energy_kwh=None if energy is None else rel.value * energy,
     )  # fmt: skip

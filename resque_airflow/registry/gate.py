@@ -23,11 +23,13 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, NamedTuple
+from typing import Any
 
-from resque_airflow.core.decision import DEFAULT_THRESHOLDS, Decision, Thresholds, decide
+from resque_airflow.core.decision import DEFAULT_THRESHOLDS, Decision, Thresholds
+from resque_airflow.core.null import DEFAULT_ALPHA
+from resque_airflow.core.policy import Prices, check_alpha
 from resque_airflow.core.summary import LABEL_SOURCES
-from resque_airflow.errors import RegistryError, ResqueInputError, check_choice, first_line
+from resque_airflow.errors import RegistryError, ResqueInputError, check_choice
 from resque_airflow.registry import names
 from resque_airflow.registry.artifacts import FetchedModel, fetch_model
 from resque_airflow.registry.client import (
@@ -38,21 +40,32 @@ from resque_airflow.registry.client import (
     resolve_version,
     search_literal,
 )
+from resque_airflow.registry.record import fail_run, gate_metrics
 from resque_airflow.registry.tags import tag_model_version
+from resque_airflow.registry.verdict import (
+    GateVerdict,
+    calibrated_verdict,
+    cost_features,
+    data_issue_verdict,
+    threshold_verdict,
+)
 from resque_airflow.runtime import pipeline
 
 log = logging.getLogger(__name__)
 
 MODES = ("dist", "task")
-# With given labels: below this x the reference accuracy (a retrain's target) the model is never reused.
-ACCURACY_TARGET_RELATIVE = 0.95
 
-Routes = Mapping[str, Sequence[str]]  # decision value ("reuse", "retrain", "rebuild") -> ids to follow
+Routes = Mapping[str, Sequence[str]]  # decision value ("reuse", "retrain", "rebuild", "data_issue") -> ids to follow
 
 
 @dataclass
 class GateRequest:
-    """What to gate. ``reuse_threshold`` / ``rebuild_threshold`` default to the measured values for the mode."""
+    """What to gate, and how to decide.
+
+    In ``mode="dist"`` the decision is calibrated to the model and the batch (``alpha``: the false-alarm rate of
+    the shift test; prices: optional cost/benefit weighing); giving ``reuse_threshold`` or ``rebuild_threshold``
+    decides with those fixed thresholds instead (as does ``mode="task"``, with its measured defaults).
+    """
 
     model_uri: str
     data: str
@@ -65,6 +78,18 @@ class GateRequest:
     experiment_name: str = names.DEFAULT_EXPERIMENT
     batch_size: int = pipeline.DEFAULT_BATCH_SIZE
     shard_summaries: list[str] | None = None  # fan-in: score merged shard summaries instead of reading ``data``
+    alpha: float = DEFAULT_ALPHA
+    price_per_kwh: float | None = None
+    value_per_accuracy_point: float | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the calibrated decision applies (dist mode, no fixed threshold given)."""
+        return self.mode == "dist" and self.reuse_threshold is None and self.rebuild_threshold is None
+
+    @property
+    def prices(self) -> Prices:
+        return Prices(per_kwh=self.price_per_kwh, per_accuracy_point=self.value_per_accuracy_point)
 
     def thresholds(self) -> Thresholds:
         """The thresholds to decide with: the ones given, else the measured defaults of the mode."""
@@ -83,6 +108,8 @@ class GateRequest:
         if self.shard_summaries is not None and self.mode != "dist":
             raise ResqueInputError("shard_summaries: fan-in is supported for mode='dist' only")
         ModelRef.parse(self.model_uri)
+        check_alpha(self.alpha)
+        self.prices.validate()
         return self.thresholds()
 
 
@@ -136,6 +163,10 @@ class GateOutcome:
     per_class: dict = field(default_factory=dict)
     layer: str = ""
     seconds: float = 0.0
+    reason: str = ""
+    interval: list[float] | None = None  # the score's 90% bootstrap interval (dist mode)
+    calibration: dict | None = None  # null check, companions' nulls, accuracy (measured / ATC): core.calibration
+    sanity: list = field(default_factory=list)  # failed data-sanity checks, if any
 
     @classmethod
     def from_result(cls, result: pipeline.ScoreResult, **gate: Any) -> GateOutcome:
@@ -152,14 +183,6 @@ class GateOutcome:
         if not per_class:
             out.pop("per_class")
         return out
-
-
-class _Verdict(NamedTuple):
-    """What decided, and the cost prediction when the cost model did (None otherwise)."""
-
-    decision: Decision
-    policy: str
-    prediction: dict | None = None
 
 
 @dataclass
@@ -288,11 +311,12 @@ def _score_and_record(
         gate.stage = "scoring"
         result = _score(gate, progress)
         gate.stage = "deciding"
-        verdict = _decide(gate, result)
+        verdict = _decide(gate, result, routes)
         outcome = GateOutcome.from_result(
             result, decision=verdict.decision.value, mode=gate.request.mode, model_name=gate.ref.name,
             model_version=str(gate.version.version), model_alias=gate.ref.alias, gate_run_id=gate.run_id,
             thresholds=gate.thresholds.to_dict(), policy=verdict.policy, prediction=verdict.prediction,
+            reason=verdict.reason,
             data_uri=gate.request.data, branch=None if routes is None else list(routes[verdict.decision.value]),
             seconds=time.perf_counter() - t0,
         )  # fmt: skip
@@ -300,7 +324,7 @@ def _score_and_record(
         stamp = _write_result(gate, result, outcome)
     except BaseException as exc:
         gate.undecided_run_id = gate.run_id
-        _fail_run(gate.client, gate.run_id, exc)
+        fail_run(gate.client, gate.run_id, exc)
         raise
     return outcome, stamp
 
@@ -343,54 +367,26 @@ def _score(gate: _Gate, progress: pipeline.Progress | None) -> pipeline.ScoreRes
     )  # fmt: skip
 
 
-def _decide(gate: _Gate, result: pipeline.ScoreResult) -> _Verdict:
-    """Thresholds decide reuse; above it, predicted cost against rebuild cost decides when history allows.
-
-    Accuracy guard: with given labels, the gate knows the model's accuracy on the new data. Below
-    :data:`ACCURACY_TARGET_RELATIVE` x its reference accuracy (the target a retrain must reach) the model cannot be
-    reused, whatever the score: information-destroying shifts (additive noise) can score low yet cost a retrain
-    (docs/EVIDENCE.md).
-    """
-    fp = gate.fetched.fingerprint
+def _decide(gate: _Gate, result: pipeline.ScoreResult, routes: Routes | None) -> GateVerdict:
+    """Data sanity first; then the calibrated decision, or fixed thresholds when the request gives them."""
+    request, fp = gate.request, gate.fetched.fingerprint
     reference_accuracy = fp.summary.accuracy if fp else None
-    verdict = _Verdict(decide(result.score, gate.thresholds), names.POLICY_THRESHOLDS)
-    acc_drop = result.signals.get("acc_drop")
-    if verdict.decision is Decision.REUSE and acc_drop is not None and reference_accuracy:
-        accuracy = reference_accuracy - acc_drop
-        if accuracy < ACCURACY_TARGET_RELATIVE * reference_accuracy:
-            log.info(
-                "accuracy guard: accuracy %.3f is below %.2f x the reference %.3f; retrain despite RESQUE %.4f",
-                accuracy, ACCURACY_TARGET_RELATIVE, reference_accuracy, result.score,
-            )  # fmt: skip
-            verdict = _Verdict(Decision.RETRAIN, names.POLICY_ACCURACY)
-    if verdict.decision is Decision.REUSE or gate.request.mode != "dist":
-        return verdict
-    from resque_airflow.registry.costs import cost_policy
+    if request.mode == "dist":
+        issue = data_issue_verdict(result, routed=routes is not None and Decision.DATA_ISSUE.value in routes)
+        if issue is not None:
+            verdict = issue
+        elif request.calibrated:
+            from resque_airflow.registry.costs import forecast_cost
 
-    cost = cost_policy(gate.client, gate.version, result.signals)
-    if cost is None:
-        return verdict
-    log.info(
-        "cost model (%d runs): predicted %s %.1f [%.1f, %.1f] vs rebuild %.1f -> %s",
-        cost.n_history, cost.cost_metric, cost.predicted, cost.low, cost.high, cost.rebuild_cost, cost.decision,
-    )  # fmt: skip
-    return _Verdict(Decision(cost.decision), names.POLICY_COST_MODEL, cost.to_dict())
-
-
-def _metrics(result: pipeline.ScoreResult, prediction: dict | None) -> dict[str, float]:
-    """The gate run's metrics: the score, counts, companion signals, per-class angles and the cost prediction."""
-    metrics = {names.SCORE_METRIC: result.score, "n_samples": result.n_samples, "n_classes": result.n_classes}
-    metrics |= {k: v for k, v in result.signals.items() if v is not None}
-    metrics |= {f"{names.ANGLE_METRIC_PREFIX}{k}": v for k, v in result.per_class.items()}
-    if prediction is not None:
-        m = prediction["cost_metric"]
-        metrics |= {
-            f"predicted_{m}": prediction["predicted"],
-            f"predicted_{m}_low": prediction["low"],
-            f"predicted_{m}_high": prediction["high"],
-            "rebuild_cost": prediction["rebuild_cost"],
-        }
-    return metrics
+            forecast = forecast_cost(gate.client, gate.version, cost_features(result, reference_accuracy))
+            verdict = calibrated_verdict(result, reference_accuracy=reference_accuracy, forecast=forecast,
+                                         prices=request.prices)  # fmt: skip
+        else:
+            verdict = threshold_verdict(result, gate.thresholds, reference_accuracy)
+    else:
+        verdict = threshold_verdict(result, gate.thresholds, None)
+    log.info("gate %s: %s", gate.ref, verdict.reason)
+    return verdict
 
 
 def _write_result(gate: _Gate, result: pipeline.ScoreResult, outcome: GateOutcome) -> int:
@@ -398,6 +394,8 @@ def _write_result(gate: _Gate, result: pipeline.ScoreResult, outcome: GateOutcom
     from mlflow.entities import Metric, Param, RunTag
 
     client, run_id = gate.client, gate.run_id
+    fp = gate.fetched.fingerprint
+    reference_accuracy = fp.summary.accuracy if fp else None
     # One clock reading is the gate's time: the JSON tag's "time" and the run's end time, so that concurrent gates
     # agree on which is newest whether they read the tag or the run.
     stamp = int(time.time() * 1000)
@@ -406,34 +404,17 @@ def _write_result(gate: _Gate, result: pipeline.ScoreResult, outcome: GateOutcom
         "n_samples": result.n_samples, "n_classes": result.n_classes, "policy": outcome.policy,
     }  # fmt: skip
     tags = {names.DECISION_TAG: outcome.decision, names.BRANCH_TAG: json.dumps(outcome.branch),
-            names.POLICY_TAG: outcome.policy}  # fmt: skip
+            names.POLICY_TAG: outcome.policy, names.REASON_TAG: outcome.reason[:5000]}  # fmt: skip
+    metrics = gate_metrics(result, outcome.prediction, reference_accuracy)
     registry_call(
         "logging the gate's result", client.log_batch, run_id,
-        metrics=[Metric(k, float(v), stamp, 0) for k, v in _metrics(result, outcome.prediction).items()],
+        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
         params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()],
     )  # fmt: skip
     registry_call("storing the gate result", client.log_dict, run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT)
     registry_call("marking the gate run decided", client.set_tag, run_id, names.STATUS_TAG, names.STATUS_DECIDED)
     registry_call("closing the gate run", client.set_terminated, run_id, "FINISHED", end_time=stamp)
     return stamp
-
-
-def _fail_run(client, run_id: str, exc: BaseException) -> None:
-    """Best effort: mark the gate run failed with the reason; the original error is what the caller sees."""
-    from mlflow.entities import RunTag
-
-    try:
-        # Two calls, not three: when the registry is what failed, each call spends MLflow's HTTP retries.
-        client.log_batch(
-            run_id,
-            tags=[
-                RunTag(names.STATUS_TAG, names.STATUS_FAILED),
-                RunTag(names.ERROR_TAG, f"{type(exc).__name__}: {str(exc)[:4000]}"),
-            ],
-        )
-        client.set_terminated(run_id, "FAILED")
-    except Exception as inner:  # the registry may be the thing that failed
-        log.warning("could not mark gate run %s as failed: %s", run_id, first_line(inner))
 
 
 __all__ = ["GateOutcome", "GateRequest", "Origin", "RegistryError", "Routes", "failed_at", "record_action", "run_gate"]

@@ -42,6 +42,9 @@ POLICY_TAG = "resque.policy"  # one of the POLICY_* values: what produced the de
 POLICY_THRESHOLDS = "thresholds"
 POLICY_ACCURACY = "thresholds+accuracy"  # thresholds said reuse, the accuracy guard said retrain
 POLICY_COST_MODEL = "cost_model"
+POLICY_DATA_ISSUE = "data_issue"  # the batch failed a data-sanity check
+# Calibrated decisions (core.policy): "calibrated", "calibrated+accuracy", "calibrated+cost", "calibrated+prices".
+REASON_TAG = "resque.reason"  # the decision's one-sentence explanation
 ERROR_TAG = "resque.error"  # on failed gate runs: the exception type and message
 ACTION_TAG = "resque.action"  # set by the branch that acted on the decision (e.g. "reused")
 ACTION_REUSED = "reused"
@@ -56,6 +59,11 @@ GATE_PARAMS = (
 )  # fmt: skip
 
 SCORE_METRIC = "resque_score"
+# Calibration metrics of a dist-mode gate run: the score's interval, its null at this batch size, the accuracy.
+CALIBRATION_METRICS = (
+    "resque_score_low", "resque_score_high", "null_quantile", "p_value", "shift_detected", "accuracy_measured",
+    "accuracy_estimated", "accuracy_estimated_low", "accuracy_estimated_high", "excess", "accuracy_drop_relative",
+)  # fmt: skip
 ANGLE_METRIC_PREFIX = "angle_class_"  # + class index: the per-class angle (also in GATE_RESULT_ARTIFACT)
 SIGNAL_METRICS = (
     "resque_dist", "resque_dist_predicted", "resque_dist_none", "mmd", "ks", "separability", "confidence_drop",
