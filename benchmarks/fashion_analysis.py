@@ -111,14 +111,55 @@ def dist_correlations(rows: list[dict], n_boot: int) -> list[dict]:
     return out
 
 
-def task_correlations(rows: list[dict], n_boot: int) -> list[dict]:
-    """Every task signal vs every cost, per family and pooled over families (``all``)."""
+def task_means(rows: list[dict]) -> list[dict]:
+    """One row per (family, task): the mean over seeds of every task signal and cost (RESQUE_task itself does not
+    depend on the seed, so the task, not the run, is the unit of evidence)."""
+    import warnings
+
     out = []
-    for fam in [*families(rows), "all"]:
-        rs = rows if fam == "all" else [r for r in rows if r["model_family"] == fam]
-        for s in TASK_SIGNALS:
-            for c in COSTS:
-                out.append({"model_family": fam, "signal": s, "cost": c} | correlations(col(rs, s), col(rs, c), n_boot))
+    for key in dict.fromkeys((r["model_family"], r["task"]) for r in rows):
+        rs = [r for r in rows if (r["model_family"], r["task"]) == key]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a cost not measured (e.g. energy off): NaN
+            out.append({"model_family": key[0], "task": key[1]}
+                       | {k: float(np.nanmean(col(rs, k))) for k in (*TASK_SIGNALS, *COSTS)})  # fmt: skip
+    return out
+
+
+DETECTED = "gate_calibration_detection_detected"  # the calibrated null's verdict, when the product reports one
+
+
+def decision_quality(rows: list[dict]) -> list[dict]:
+    """Per family: the calibrated null's "shift detected" against "the run needed training" (the source model
+    missed the target on the shifted test data, steps > 0). Empty when the product reports no null check."""
+    out = []
+    for fam in families(rows):
+        rs = [r for r in rows if r["model_family"] == fam and r.get(DETECTED) not in (None, "")]
+        if not rs:
+            continue
+        det = np.array([str(r[DETECTED]).lower() in ("true", "1") for r in rs])
+        need = col(rs, "steps_to_target") > 0
+        out.append({"model_family": fam, "n": len(rs), "detected_and_needed": int((det & need).sum()),
+                    "detected_not_needed": int((det & ~need).sum()), "missed_needed": int((~det & need).sum()),
+                    "quiet_not_needed": int((~det & ~need).sum()),
+                    "max_steps_missed": float(col(rs, "steps_to_target")[~det & need].max(initial=0)),
+                    "none_runs_detected": int(sum(d for d, r in zip(det, rs, strict=True)
+                                                  if r["shift_type"] == "none"))})  # fmt: skip
+    return out
+
+
+def task_correlations(rows: list[dict], n_boot: int) -> list[dict]:
+    """Every task signal vs every cost, per family and pooled over families (``all``), over runs (``unit=runs``:
+    tasks x seeds; intervals too narrow, the signal repeats across seeds) and over task means (``unit=tasks``)."""
+    out = []
+    means = task_means(rows)
+    for unit, data in (("runs", rows), ("tasks", means)):
+        for fam in [*families(rows), "all"]:
+            rs = data if fam == "all" else [r for r in data if r["model_family"] == fam]
+            for s in TASK_SIGNALS:
+                for c in COSTS:
+                    out.append({"model_family": fam, "unit": unit, "signal": s, "cost": c}
+                               | correlations(col(rs, s), col(rs, c), n_boot))  # fmt: skip
     return out
 
 
@@ -176,11 +217,12 @@ def claims(dist_corr: list[dict], task_corr: list[dict], fams: list[str]) -> lis
 
     Verdict for distribution shift: "holds" when Spearman >= 0.7 within every shift type and the pooled interval is
     above 0; "partly" when the pooled interval is above 0 or the median within-type Spearman is >= 0.7; "does not
-    hold" otherwise. For task shift (few tasks): "holds" when Spearman >= 0.7 and its interval is above 0, "partly"
-    when only the interval is above 0 (or rho >= 0.7 with a wide interval), else "does not hold".
+    hold" otherwise. For task shift, over the per-task means (few tasks): "holds" when Spearman >= 0.7 and its
+    interval is above 0, "partly" when only the interval is above 0 (or rho >= 0.7 with a wide interval), else
+    "does not hold".
     """
     look = {(r["model_family"], r["group"], r["variant"], r["signal"], r["cost"]): r for r in dist_corr}
-    tlook = {(r["model_family"], r["signal"], r["cost"]): r for r in task_corr}
+    tlook = {(r["model_family"], r["signal"], r["cost"]): r for r in task_corr if r["unit"] == "tasks"}
     out = []
     for fam in fams:
         groups = sorted({r["group"] for r in dist_corr if r["model_family"] == fam} - {"pooled"})
@@ -280,7 +322,7 @@ def report_md(dist: list[dict], tasks: list[dict], dist_corr, task_corr, loto_su
               n_boot: int) -> str:  # fmt: skip
     """All tables as markdown (``report.md``); docs/EVIDENCE.md quotes from it."""
     look = {(r["model_family"], r["group"], r["variant"], r["signal"], r["cost"]): r for r in dist_corr}
-    tl = {(r["model_family"], r["signal"], r["cost"]): r for r in task_corr}
+    tl = {(r["model_family"], r["unit"], r["signal"], r["cost"]): r for r in task_corr}
     parts = ["# Fashion-MNIST benchmark: tables", "",
              f"Spearman (Pearson where said) with percentile-bootstrap 95% intervals ({n_boot} resamples of runs). Per "
              "shift type, the no-shift runs are included as severity 0. 'all': censored runs included (tied at the "
@@ -335,12 +377,26 @@ def report_md(dist: list[dict], tasks: list[dict], dist_corr, task_corr, loto_su
             parts += ["### Task shift: per task (means over seeds)", "",
                       md_table(["task", "K", "n train", "target", "RESQUE_task", "k-means++", "epochs", "steps",
                                 "rebuild epochs", "censored"], body),
-                      "", "### Task shift: every signal vs every cost, Spearman", "",
-                      md_table(["signal", *COSTS], [[s] + [_ci(tl[(fam, s, c)]) for c in COSTS]
+                      "", "### Task shift: every signal vs every cost, Spearman over task means", "",
+                      md_table(["signal", *COSTS], [[s] + [_ci(tl[(fam, "tasks", s, c)]) for c in COSTS]
+                                                    for s in TASK_SIGNALS]),
+                      "", "### Task shift: every signal vs every cost, Spearman over runs (tasks x seeds)", "",
+                      md_table(["signal", *COSTS], [[s] + [_ci(tl[(fam, "runs", s, c)]) for c in COSTS]
                                                     for s in TASK_SIGNALS]), ""]  # fmt: skip
     if tasks:
-        parts += ["## Task shift, both families pooled: Spearman", "",
-                  md_table(["signal", *COSTS], [[s] + [_ci(tl[("all", s, c)]) for c in COSTS] for s in TASK_SIGNALS]),
+        parts += ["## Task shift, both families pooled: Spearman over task means", "",
+                  md_table(["signal", *COSTS], [[s] + [_ci(tl[("all", "tasks", s, c)]) for c in COSTS]
+                                                for s in TASK_SIGNALS]),
+                  ""]  # fmt: skip
+    dq = decision_quality(dist)
+    if dq:
+        parts += ["## Decision quality of the calibrated null (shift detected vs training needed)", "",
+                  md_table(["family", "runs", "detected, needed training", "detected, not needed",
+                            "missed (needed training)", "quiet, not needed", "max steps of a missed run",
+                            "no-shift runs detected"],
+                           [[d["model_family"], str(d["n"]), str(d["detected_and_needed"]),
+                             str(d["detected_not_needed"]), str(d["missed_needed"]), str(d["quiet_not_needed"]),
+                             _fmt(d["max_steps_missed"], 0), str(d["none_runs_detected"])] for d in dq]),
                   ""]  # fmt: skip
     parts += ["## The paper's claims", "",
               md_table(["family", "mode", "claim", "verdict", "pooled Spearman [95% CI]",
@@ -400,10 +456,10 @@ def analyse(dist: list[dict], tasks: list[dict], out: Path, n_boot: int) -> dict
             }  # fmt: skip
     for r in task_corr:
         if r["signal"] == "resque_task" and r["cost"] in ("epochs_to_target", "steps_to_target"):
-            goals["task"].setdefault(r["model_family"], {})[r["cost"]] = {
+            goals["task"].setdefault(r["model_family"], {})[f"{r['cost']}_over_{r['unit']}"] = {
                 k: r[k] for k in ("n", "spearman", "spearman_lo", "spearman_hi")
             }
     goals["within_type_ge_0.9_everywhere"] = all(
         v >= 0.9 for fam in goals["within_type_spearman_resque_dist_vs_steps"].values() for v in fam.values()
     )
-    return {"goals": goals, "claims": claim_rows, "resque_vs_severity": sev}
+    return {"goals": goals, "claims": claim_rows, "resque_vs_severity": sev, "decision_quality": decision_quality(dist)}
