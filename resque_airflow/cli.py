@@ -44,17 +44,38 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int
         yield update
 
 
-def image_spec_from(args: argparse.Namespace):
-    """The :class:`ImageSpec` given by ``--image-*`` flags (used for image-folder data)."""
-    from resque_airflow.core.fingerprint import ImageSpec
+def image_spec_from(args: argparse.Namespace) -> dict | None:
+    """The image-preprocessing fields given by ``--image-*`` flags (None: none given), to lay over what the model
+    declares (see :func:`resque_airflow.runtime.preprocess.image_spec_for`)."""
 
-    floats = lambda s: tuple(float(v) for v in s.split(","))  # noqa: E731
-    try:
-        return ImageSpec(
-            mode=args.image_mode, scale=args.image_scale, mean=floats(args.image_mean), std=floats(args.image_std)
-        )
-    except ValueError as exc:
-        raise ResqueInputError(f"--image-mean/--image-std: expected comma-separated numbers ({exc})") from exc
+    def numbers(flag: str, text: str, kind: type) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError as exc:
+            raise ResqueInputError(f"{flag}: expected comma-separated numbers, got {text!r}") from exc
+
+    given = {
+        "mode": args.image_mode, "scale": args.image_scale, "layout": args.image_layout, "resize": args.image_resize,
+        "max_width": args.image_max_width,
+        "mean": None if args.image_mean is None else numbers("--image-mean", args.image_mean, float),
+        "std": None if args.image_std is None else numbers("--image-std", args.image_std, float),
+        "size": None if args.image_size is None else numbers("--image-size", args.image_size, int),
+    }  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    if "size" in given and len(given["size"]) != 2:
+        raise ResqueInputError(f"--image-size: expected H,W, got {args.image_size!r}")
+    return given or None
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """How reference data is read and pooled (``fingerprint`` and ``publish``): recorded in the fingerprint."""
+    text = {"column": args.text_column, "max_length": args.max_length, "padding": args.text_padding}
+    names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
+    return {
+        "pooling": args.pooling, "num_classes": args.num_classes, "class_names": names,
+        "label_column": args.label_column, "tokenizer": args.tokenizer, "text_options": text,
+        "image_spec": image_spec_from(args),
+    }  # fmt: skip
 
 
 def print_result(result: dict, as_json: bool) -> None:
@@ -109,17 +130,11 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
     with progress_bar("reference pass", not args.json) as progress:
         fp = fingerprint_model(
-            args.model,
-            args.data,
-            layer=args.layer,
-            provider=args.provider,
-            batch_size=args.batch_size,
-            image_spec=image_spec_from(args),
-            num_classes=args.num_classes,
-            progress=progress,
-        )
+            args.model, args.data, layer=args.layer, provider=args.provider, batch_size=args.batch_size,
+            progress=progress, **model_options(args),
+        )  # fmt: skip
     out = fp.save(args.out)
-    meta = fp.metadata() | {"path": str(out)}
+    meta = fp.metadata() | {"path": str(out), "input_spec": fp.input_spec.to_dict(with_tokenizer=False)}
     if args.json:
         print(json.dumps(meta))
     else:
@@ -181,8 +196,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     with progress_bar("reference pass", not args.json) as progress:
         published = publish_model(
             tracking_uri=args.tracking_uri, name=args.name, model_path=args.model, reference=args.reference,
-            alias=args.alias, layer=args.layer, provider=args.provider, image_spec=image_spec_from(args),
-            weights_path=args.weights, progress=progress,
+            alias=args.alias, layer=args.layer, provider=args.provider, batch_size=args.batch_size,
+            weights_path=args.weights, progress=progress, **model_options(args),
         )  # fmt: skip
     info = published.to_dict()
     print(json.dumps(info) if args.json else f"registered {info['name']} version {info['version']} as @{info['alias']}")
@@ -205,6 +220,30 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    from resque_airflow.runtime.graph import load_model
+    from resque_airflow.runtime.layers import candidate_layers, choose_layer
+
+    model = load_model(args.model)
+    rows = candidate_layers(model)
+    try:
+        auto = choose_layer(model, "auto")
+        auto_line = f"layer=auto: {auto.name!r}, {auto.reason}"
+    except ResqueInputError as exc:
+        auto, auto_line = None, f"layer=auto: none ({_one_line(exc)})"
+    if args.json:
+        print(json.dumps({"auto": auto and auto.__dict__, "candidates": [r.__dict__ for r in rows]}))
+        return 0
+    inputs = ", ".join(f"{i.name} {[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}"
+                       for i in model.graph.input)  # fmt: skip
+    print(f"inputs: {inputs}")
+    width = max((len(r.name) for r in rows), default=4)
+    for r in rows:
+        print(f"{'*' if r.auto else ' '} {r.name:<{width}}  {r.op:<20} {r.shape}")
+    print(auto_line)
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from resque_airflow.registry.audit_report import audit_main
 
@@ -224,19 +263,40 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--layer", default="auto", help="tensor name of the representation (default: auto)")
 
     def images(sp: argparse.ArgumentParser) -> None:
-        g = sp.add_argument_group("image folders", "how images become model input: (pixel * scale - mean) / std")
-        g.add_argument("--image-mode", default="RGB", choices=["L", "RGB"])
-        g.add_argument("--image-scale", type=float, default=1 / 255)
-        g.add_argument("--image-mean", default="0")
-        g.add_argument("--image-std", default="1")
+        g = sp.add_argument_group(
+            "image folders",
+            "how images become model input: (pixel * scale - mean) / std, resized and laid out as declared; flags "
+            "not given come from the model's metadata (resque.preprocess), a MODEL.preprocess.json sidecar, or its "
+            "input shape (1 channel: L, else RGB; scale 1/255, mean 0, std 1)",
+        )
+        g.add_argument("--image-mode", default=None, choices=["L", "RGB", "BGR"])
+        g.add_argument("--image-scale", type=float, default=None, help="multiplier of 0..255 pixels (1/255)")
+        g.add_argument("--image-mean", default=None, help="one value, or one per channel: 0.485,0.456,0.406")
+        g.add_argument("--image-std", default=None, help="one value, or one per channel")
+        g.add_argument("--image-layout", default=None, choices=["NCHW", "NHWC"], help="default: from the model")
+        g.add_argument("--image-resize", default=None, choices=["stretch", "keep-aspect", "center-crop", "height"])
+        g.add_argument("--image-size", default=None, help="H,W (default: the model input's fixed size)")
+        g.add_argument("--image-max-width", type=int, default=None, help="padded width of --image-resize height")
+
+    def reading(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("reference data", "how the data is read and pooled (recorded in the fingerprint)")
+        g.add_argument("--num-classes", type=int, default=None, help="for models without a class-score output")
+        g.add_argument("--class-names", default=None, help="class names in id order: image folders map by name")
+        g.add_argument("--label-column", default="label", help="labels' Parquet column / .jsonl field")
+        g.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "spatial", "spatial-last"],
+                       help="token sequences: mean over real tokens (default) or the first (CLS) token")  # fmt: skip
+        g.add_argument("--tokenizer", default=None, help="tokenizer.json: raw text is tokenized with it")
+        g.add_argument("--text-column", default="text", help="the text column / .jsonl field")
+        g.add_argument("--max-length", type=int, default=128, help="tokens per text (truncation)")
+        g.add_argument("--text-padding", default="max_length", choices=["max_length", "longest"])
 
     f = sub.add_parser("fingerprint", help="compute a model's reference fingerprint")
     f.add_argument("--model", required=True, help="ONNX file")
     f.add_argument("--data", required=True, help="reference data (labelled): .npz, shard folder, Parquet, images")
     f.add_argument("--out", required=True, help="output folder (fingerprint.json + fingerprint.npz)")
-    f.add_argument("--num-classes", type=int, default=None, help="for models without a logits output")
     common(f)
     images(f)
+    reading(f)
     f.set_defaults(func=cmd_fingerprint)
 
     s = sub.add_parser("score", help="score new data with RESQUE_dist or RESQUE_task")
@@ -277,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--weights", help="torch state dict to store beside the model, for retraining")
     common(pub)
     images(pub)
+    reading(pub)
     pub.set_defaults(func=cmd_publish)
 
     g = sub.add_parser("gate", help="score new data against a registered model and decide")
@@ -295,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="money one accuracy point is worth over the period the model serves")  # fmt: skip
     common(g)
     g.set_defaults(func=cmd_gate)
+
+    ly = sub.add_parser("layers", help="list the tensors that can serve as the representation, with their shapes")
+    ly.add_argument("--model", required=True, help="ONNX file")
+    ly.add_argument("--json", action="store_true")
+    ly.set_defaults(func=cmd_layers)
 
     a = sub.add_parser("audit", help="the gate history of a registered model")
     a.add_argument("--model", required=True)

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from resque_airflow.core import ImageSpec, ResqueInputError
+from resque_airflow.core.fingerprint import TensorSpec
 from resque_airflow.runtime.embed import prefetch
+from resque_airflow.runtime.feed import prepare as prepare_feed
 from resque_airflow.runtime.readers import DataSource
 
 
@@ -34,7 +36,8 @@ def test_npz_npy_and_shard_folder(tmp_path):
         np.testing.assert_array_equal(got_x, x[:n])
         np.testing.assert_array_equal(got_y, y[:n])
     gx, gy = collect(DataSource(str(tmp_path / "plain.npy"), batch_size=16))
-    assert gx.dtype == np.float32 and gy is None and gx.shape == (50, 4)
+    # Arrays keep the file's dtype; the feed converts them to what the model input takes (runtime/feed.py).
+    assert gx.dtype == np.float64 and gy is None and gx.shape == (50, 4)
 
 
 def test_memory_filesystem_url():
@@ -85,9 +88,9 @@ def test_errors_name_the_problem(tmp_path):
         DataSource("nosuchscheme://bucket/data.npz")
     with pytest.raises(ResqueInputError, match="does not exist"):
         DataSource(str(tmp_path / "missing.npz"))
-    np.savez(tmp_path / "ints.npz", x=np.ones((3, 2), np.uint8))
-    with pytest.raises(ResqueInputError, match="dtype uint8"):
-        collect(DataSource(str(tmp_path / "ints.npz")))
+    np.savez(tmp_path / "ints.npz", x=np.ones((3, 1, 2, 2), np.uint8))
+    with pytest.raises(ResqueInputError, match="x has dtype uint8, but the model takes float32 for input 'input'"):
+        prepare_feed({"x": collect(DataSource(str(tmp_path / "ints.npz")))[0]}, [TensorSpec("input", "float32", (None, 1, 2, 2))], "t")
     np.savez(tmp_path / "nox.npz", features=np.ones((3, 2)))
     with pytest.raises(ResqueInputError, match="expected 'x'"):
         collect(DataSource(str(tmp_path / "nox.npz")))

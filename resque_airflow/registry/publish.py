@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,12 +13,13 @@ from resque_airflow.errors import ResqueInputError
 from resque_airflow.registry import names
 from resque_airflow.registry.client import ensure_experiment, make_client, registry_call
 from resque_airflow.runtime.graph import load_model
-from resque_airflow.runtime.pipeline import Progress, fingerprint_model
+from resque_airflow.runtime.pipeline import DEFAULT_BATCH_SIZE, Progress, fingerprint_model
 
 log = logging.getLogger(__name__)
 
 # Passed explicitly: MLflow's inference lists both onnxruntime and onnxruntime-gpu, which conflict.
 PIP_REQUIREMENTS = ["onnx>=1.17", "onnxruntime>=1.20"]
+TOKENIZER_FILE = "tokenizer.json"  # beside the fingerprint in the version's extra_files/
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,15 @@ def publish_model(
     reference: str,
     alias: str = "champion",
     layer: str = "auto",
+    pooling: str = "auto",
     provider: str = "auto",
-    image_spec: ImageSpec | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    label_column: str = "label",
+    image_spec: ImageSpec | Mapping | None = None,
+    tokenizer: str | Path | None = None,
+    text_options: Mapping | None = None,
     weights_path: str | Path | None = None,
     torch_factory: str | None = None,
     training_cost: dict[str, float] | None = None,
@@ -63,6 +72,9 @@ def publish_model(
     ``training_cost`` (keys of :data:`names.COST_METRICS`) is logged on the version's run, so the rebuild cost is
     on file. The version is created, and the alias moved, only after everything else is stored.
     ``run_kind`` / ``run_tags`` label the run (``retrain`` / ``rebuild`` runs carry the triggering gate run id).
+    ``batch_size``, ``num_classes``, ``pooling``, ``class_names``, ``label_column``, ``image_spec``, ``tokenizer``
+    and ``text_options`` go to :func:`~resque_airflow.runtime.pipeline.fingerprint_model`; a tokenizer is also
+    stored as ``tokenizer.json`` beside the fingerprint (the fingerprint holds it too, bound by sha256).
     """
     import mlflow.onnx
 
@@ -71,8 +83,10 @@ def publish_model(
     proto = load_model(str(model_path))
     model_bytes = proto.SerializeToString()
     fp = fingerprint_model(
-        model_bytes, reference, layer=layer, provider=provider, image_spec=image_spec, progress=progress
-    )
+        model_bytes, reference, layer=layer, pooling=pooling, provider=provider, batch_size=batch_size,
+        image_spec=image_spec, num_classes=num_classes, class_names=class_names, label_column=label_column,
+        tokenizer=tokenizer, text_options=text_options, progress=progress,
+    )  # fmt: skip
     client = make_client(tracking_uri, registry_uri)
     exp_id = ensure_experiment(client, experiment_name)
     tags = {names.KIND_TAG: run_kind, names.MODEL_NAME_TAG: name} | dict(run_tags or {})
@@ -81,13 +95,17 @@ def publish_model(
     try:
         with tempfile.TemporaryDirectory(prefix="resque-publish-") as tmp:
             fp_dir = fp.save(Path(tmp) / "fingerprint")
+            extra = [str(fp_dir / "fingerprint.json"), str(fp_dir / "fingerprint.npz")]
+            if fp.input_spec.text is not None:
+                (fp_dir / TOKENIZER_FILE).write_text(fp.input_spec.text.tokenizer_json, encoding="utf-8")
+                extra.append(str(fp_dir / TOKENIZER_FILE))
             model_dir = Path(tmp) / "model"
             mlflow.onnx.save_model(
                 proto,
                 str(model_dir),
                 pip_requirements=PIP_REQUIREMENTS,
                 save_as_external_data=False,
-                extra_files=[str(fp_dir / "fingerprint.json"), str(fp_dir / "fingerprint.npz")],
+                extra_files=extra,
             )
             if sha256_file(model_dir / "model.onnx") != fp.model_sha256:
                 raise ResqueInputError("publish: the saved model.onnx differs from the fingerprinted bytes")
@@ -98,7 +116,8 @@ def publish_model(
 
         params = {
             "layer": fp.layer, "pooling": fp.pooling, "reference_uri": str(reference), "n_reference": fp.n_samples,
-            "num_classes": fp.num_classes, "model_sha256": fp.model_sha256,
+            "num_classes": fp.num_classes, "model_sha256": fp.model_sha256, "batch_size": batch_size,
+            "inputs": ",".join(t.name for t in fp.input_spec.tensors),
         }  # fmt: skip
         metrics = {names.REFERENCE_ACCURACY_METRIC: fp.summary.accuracy} | dict(training_cost or {})
         client.log_batch(

@@ -1,20 +1,40 @@
 """ONNX graph surgery: expose one intermediate tensor as an extra output, pooled inside the graph (DESIGN.md 2.3).
 
-Only the pooled ``(N, D)`` values leave the device; the rest of the graph is untouched, so the logits are exactly the
-original model's.
+Only the pooled ``(N, D)`` values leave the device; the rest of the graph is untouched, so the class scores are
+exactly the original model's. Which tensor, which layout and which output carries the classes is read by
+:mod:`resque_airflow.runtime.layers`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper, shape_inference
+from onnx import TensorProto, helper
 
 from resque_airflow.errors import ModelError
+from resque_airflow.runtime.layers import (
+    LAYER_METADATA_KEY,
+    choose_layer,
+    find_layer,
+    infer,
+    logits_source,
+    mask_input,
+    producers,
+    tensor_type,
+    trace_layout,
+)
+
+__all__ = ["LAYER_METADATA_KEY", "POOLINGS", "ExposedModel", "expose_layer", "find_layer", "load_model"]
+
+log = logging.getLogger(__name__)
 
 POOLED_SUFFIX = "/resque_pooled"
-LAYER_METADATA_KEY = "resque.layer"  # written by export_torch: the representation tensor's name
+# What a user may ask for; "auto" resolves by rank and layout to one of the recorded values below it.
+POOLINGS = ("auto", "mean", "cls", "spatial", "spatial-last", "tokens", "tokens-masked", "none")
+RECORDED_POOLINGS = ("spatial", "spatial-last", "tokens", "tokens-masked", "cls", "none")
 
 
 @dataclass(frozen=True)
@@ -23,12 +43,16 @@ class ExposedModel:
 
     Attributes:
         model: the edited graph; outputs are ``[logits_output?, pooled_output]``.
-        layer: name of the exposed tensor in the original graph.
+        layer: name of the exposed tensor in the original graph; ``layer_reason`` says why it was chosen.
         pooled_output: name of the new ``(N, D)`` output.
-        pooling: ``"spatial"`` (mean over H, W or L of a channels-first tensor), ``"tokens"`` (mean over T of
-            (N, T, D)) or ``"none"`` ((N, D) as is).
-        logits_output: the model's first original output (used for predicted labels), or None.
-        input_name: the model's (first) input.
+        pooling: ``"spatial"`` (mean over the axes after C of a channels-first ``(N, C, ...)`` tensor),
+            ``"spatial-last"`` (mean over H, W of ``(N, H, W, C)``), ``"tokens"`` (mean over T of ``(N, T, D)``),
+            ``"tokens-masked"`` (mean over the real tokens, by the attention mask), ``"cls"`` (token 0) or
+            ``"none"`` (``(N, D)`` as is).
+        logits_output: the tensor read for predicted labels, or None; ``logits_kind`` is ``"logits"`` or
+            ``"probabilities"`` (never softmaxed again).
+        input_name: the model's first input.
+        mask_input: the attention-mask input the pooling reads, if any.
     """
 
     model: onnx.ModelProto
@@ -37,6 +61,9 @@ class ExposedModel:
     pooling: str
     logits_output: str | None
     input_name: str
+    logits_kind: str = "logits"
+    layer_reason: str = ""
+    mask_input: str | None = None
 
 
 def load_model(path_or_bytes: str | bytes) -> onnx.ModelProto:
@@ -56,49 +83,6 @@ def load_model(path_or_bytes: str | bytes) -> onnx.ModelProto:
     return model
 
 
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in model.graph.node for out in node.output}
-
-
-def find_layer(model: onnx.ModelProto, layer: str = "auto") -> str:
-    """Resolve ``layer`` to a tensor name of ``model``.
-
-    ``"auto"``: the tensor recorded by :func:`~resque_airflow.runtime.export.export_torch` in the model's metadata
-    if any; else the output of the last Conv node; else the input of the final Gemm/MatMul (the classifier's input).
-    Any other value must name a tensor (a node output or graph input) of the graph.
-    """
-    graph = model.graph
-    if layer == "auto":
-        hint = {p.key: p.value for p in model.metadata_props}.get(LAYER_METADATA_KEY)
-        if hint:
-            return hint
-        convs = [n for n in graph.node if n.op_type == "Conv"]
-        if convs:
-            return convs[-1].output[0]
-        initializers = {t.name for t in graph.initializer}
-        for node in reversed(graph.node):
-            if node.op_type in ("Gemm", "MatMul"):
-                # The data operand is the one that is not a weight.
-                data = [i for i in node.input[:2] if i not in initializers]
-                if data:
-                    return data[0]
-        raise ModelError("layer='auto': the model has no Conv, Gemm or MatMul node; name the tensor with layer=")
-    known = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-    if layer not in known:
-        sample = sorted(_producers(model))[-5:]
-        raise ModelError(f"layer: the model has no tensor named {layer!r}; some tensor names: {sample}")
-    return layer
-
-
-def _tensor_rank_and_type(model: onnx.ModelProto, name: str) -> tuple[int | None, int]:
-    for vi in [*model.graph.value_info, *model.graph.output, *model.graph.input]:
-        if vi.name == name and vi.type.HasField("tensor_type"):
-            t = vi.type.tensor_type
-            rank = len(t.shape.dim) if t.HasField("shape") else None
-            return rank, t.elem_type or TensorProto.FLOAT
-    return None, TensorProto.FLOAT
-
-
 def _opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -106,61 +90,149 @@ def _opset(model: onnx.ModelProto) -> int:
     return 13
 
 
-def expose_layer(model: onnx.ModelProto, layer: str = "auto") -> ExposedModel:
-    """Return a copy of ``model`` whose outputs are the logits and the pooled representation at ``layer``.
+def _rank(inferred: onnx.ModelProto, original: onnx.ModelProto, name: str) -> int:
+    shape, _ = tensor_type(inferred, name)
+    if shape is not None:
+        return len(shape)
+    producer = producers(original).get(name)
+    if producer is not None and producer.op_type == "Conv":
+        return 4
+    raise ModelError(f"layer: cannot infer the rank of tensor {name!r}; export the model with shapes")
 
-    Pooling by rank: (N, C, H, W) or (N, C, L) from a Conv -> mean over the spatial axes; (N, T, D) -> mean over T;
-    (N, D) as is. Works on any ONNX model, exported by this project or not.
+
+def resolve_pooling(model: onnx.ModelProto, name: str, rank: int, pooling: str = "auto") -> tuple[str, str]:
+    """``(pooling, why)`` for tensor ``name`` of rank ``rank``, as recorded in the fingerprint.
+
+    Rules: rank 2 is used as is. Rank 3 is a token sequence ``(N, T, D)`` unless it comes from a convolution
+    (``(N, C, L)``: mean over L); tokens are averaged over the real tokens when the model has an attention-mask
+    input (padding changes nothing), over all T otherwise; ``pooling="cls"`` takes token 0 instead (the rule of
+    BERT-style models, whose classifier reads the first token). Rank 4 is averaged over H, W: channels-first after a
+    convolution, channels-last after a transpose to NHWC or a MatMul; an unknown layout is read from the static
+    shape (``(N, 1, 1, C)`` or square H, W in the middle: channels-last), else channels-first.
     """
-    name = find_layer(model, layer)
+    if pooling not in POOLINGS:
+        raise ModelError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
+    if pooling not in ("auto", "mean"):
+        return pooling, "named by the user"
+    if rank == 2:
+        return "none", "(N, D): used as is"
+    layout = trace_layout(model, name)
+    if rank == 3:
+        if layout == "first" and pooling == "auto":
+            return "spatial", "(N, C, L) from a convolution: mean over L"
+        if mask_input(model):
+            return "tokens-masked", f"(N, T, D) tokens: mean over the real tokens ({mask_input(model)!r})"
+        return "tokens", "(N, T, D) tokens: mean over T (the model has no attention mask)"
+    if rank == 4:
+        if layout == "last":
+            return "spatial-last", "(N, H, W, C) channels-last: mean over H, W"
+        if layout == "first":
+            return "spatial", "(N, C, H, W) from a convolution: mean over H, W"
+        shape, _ = tensor_type(infer(model), name)
+        dims = shape[1:] if shape else ()
+        if len(dims) == 3 and all(isinstance(d, int) for d in dims):
+            a, b, c = dims
+            if a == b != c:  # (N, H, W, C) with H == W (or 1 x 1); (N, C, H, W) has its equal pair at the end
+                return "spatial-last", f"shape {tuple(shape)} reads as (N, H, W, C): mean over H, W"
+        return "spatial", "(N, C, H, W): mean over H, W"
+    raise ModelError(f"layer: tensor {name!r} has rank {rank}; expected (N, D), (N, T, D), (N, C, L) or (N, C, H, W)")
+
+
+def _check_pooling(pooling: str, rank: int, name: str, mask: str | None) -> None:
+    ranks = {"none": (2,), "tokens": (3,), "tokens-masked": (3,), "cls": (3,), "spatial": (3, 4), "spatial-last": (4,)}
+    if rank not in ranks[pooling]:
+        raise ModelError(f"pooling={pooling!r} does not apply to tensor {name!r} of rank {rank}; use pooling='auto'")
+    if pooling == "tokens-masked" and mask is None:
+        raise ModelError("pooling='tokens-masked': the model has no attention-mask input; use pooling='tokens'")
+
+
+def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    return name
+
+
+def _reduce(graph, op: str, x: str, out: str, axes: list[int], keepdims: int, opset: int) -> None:
+    """``op`` (ReduceMean / ReduceSum) over ``axes``: an attribute before its opset moved axes to an input."""
+    moved = 13 if op == "ReduceSum" else 18
+    if opset >= moved:
+        axes_name = _const(graph, out + "/axes", np.array(axes, np.int64))
+        graph.node.append(helper.make_node(op, [x, axes_name], [out], name=out, keepdims=keepdims))
+    else:
+        graph.node.append(helper.make_node(op, [x], [out], name=out, axes=axes, keepdims=keepdims))
+
+
+def _pool(model: onnx.ModelProto, name: str, rank: int, pooling: str, elem_type: int, mask: str | None) -> str:
+    """Append the pooling nodes to ``model``'s graph; returns the ``(N, D)`` pooled tensor's name."""
+    graph, opset, pooled = model.graph, _opset(model), name + POOLED_SUFFIX
+    if pooling == "none":
+        graph.node.append(helper.make_node("Identity", [name], [pooled], name=pooled))
+    elif pooling in ("spatial", "spatial-last", "tokens"):
+        axes = {"spatial": list(range(2, rank)), "spatial-last": [1, 2], "tokens": [1]}[pooling]
+        _reduce(graph, "ReduceMean", name, pooled, axes, 0, opset)
+    elif pooling == "cls":
+        index = _const(graph, pooled + "/index", np.array(0, np.int64))
+        graph.node.append(helper.make_node("Gather", [name, index], [pooled], name=pooled, axis=1))
+    else:  # tokens-masked: sum(h * m) / max(sum(m), 1), the mask cast to the tensor's type
+        np_type = helper.tensor_dtype_to_np_dtype(elem_type)
+        m, m3, hm, s, c, c1 = (f"{pooled}/{p}" for p in ("mask", "mask3", "masked", "sum", "count", "count1"))
+        graph.node.append(helper.make_node("Cast", [mask], [m], name=m, to=elem_type))
+        if opset >= 13:
+            axes = _const(graph, m3 + "/axes", np.array([2], np.int64))
+            graph.node.append(helper.make_node("Unsqueeze", [m, axes], [m3], name=m3))
+        else:
+            graph.node.append(helper.make_node("Unsqueeze", [m], [m3], name=m3, axes=[2]))
+        graph.node.append(helper.make_node("Mul", [name, m3], [hm], name=hm))
+        _reduce(graph, "ReduceSum", hm, s, [1], 0, opset)
+        _reduce(graph, "ReduceSum", m, c, [1], 1, opset)
+        one = _const(graph, c1 + "/one", np.array(1, np_type))
+        graph.node.append(helper.make_node("Max", [c, one], [c1], name=c1))  # a row of padding only: 0, not NaN
+        graph.node.append(helper.make_node("Div", [s, c1], [pooled], name=pooled))
+    return pooled
+
+
+def expose_layer(model: onnx.ModelProto, layer: str = "auto", pooling: str = "auto") -> ExposedModel:
+    """Return a copy of ``model`` whose outputs are the class scores and the pooled representation at ``layer``.
+
+    ``pooling``: ``"auto"`` (see :func:`resolve_pooling`), ``"mean"`` (tokens over the real tokens), ``"cls"``, or
+    a recorded value (a fingerprint's). The class scores are the first float ``(N, C)`` output, or the probability
+    tensor behind a ZipMap output. Works on any ONNX model, exported by this project or not.
+    """
+    choice = choose_layer(model, layer)
+    name = choice.name
     edited = onnx.ModelProto()
     edited.CopyFrom(model)
-    try:
-        inferred = shape_inference.infer_shapes(edited)
-    except Exception:  # shape inference is best effort; the rank may then be known from the producer
-        inferred = edited
-    rank, elem_type = _tensor_rank_and_type(inferred, name)
-    producer = _producers(edited).get(name)
-    if rank is None:
-        if producer is not None and producer.op_type == "Conv":
-            rank = 4
-        else:
-            raise ModelError(f"layer: cannot infer the rank of tensor {name!r}; export the model with shapes")
-    channels_first = producer is not None and producer.op_type in (
-        "Conv",
-        "BatchNormalization",
-        "MaxPool",
-        "AveragePool",
-    )
-    if rank == 2:
-        axes, pooling = [], "none"
-    elif rank >= 3 and (channels_first or rank == 4):
-        axes, pooling = list(range(2, rank)), "spatial"
-    elif rank == 3:
-        axes, pooling = [1], "tokens"
-    else:
-        raise ModelError(f"layer: tensor {name!r} has rank {rank}; expected (N, D), (N, T, D) or (N, C, H, W)")
-
+    inferred = infer(edited)
+    rank = _rank(inferred, edited, name)
+    _, elem_type = tensor_type(inferred, name)
+    elem_type = elem_type or TensorProto.FLOAT
+    resolved, why = resolve_pooling(edited, name, rank, pooling)
+    mask = mask_input(edited)
+    _check_pooling(resolved, rank, name, mask)
+    source = logits_source(edited, exclude=name)
+    pooled = _pool(edited, name, rank, resolved, elem_type, mask if resolved == "tokens-masked" else None)
     graph = edited.graph
-    pooled = name + POOLED_SUFFIX
-    if not axes:
-        graph.node.append(helper.make_node("Identity", [name], [pooled], name=pooled))
-    elif _opset(edited) >= 18:
-        axes_name = pooled + "/axes"
-        graph.initializer.append(helper.make_tensor(axes_name, TensorProto.INT64, [len(axes)], axes))
-        graph.node.append(helper.make_node("ReduceMean", [name, axes_name], [pooled], name=pooled, keepdims=0))
-    else:
-        graph.node.append(helper.make_node("ReduceMean", [name], [pooled], name=pooled, axes=axes, keepdims=0))
-    originals = [o for o in graph.output if o.name != name]
-    logits = originals[0].name if originals else None
+    originals = {o.name: o for o in graph.output}
     del graph.output[:]
-    graph.output.extend(originals[:1])
+    if source is not None:
+        if source.name in originals:
+            graph.output.append(originals[source.name])
+        else:  # an intermediate tensor (the ZipMap's input)
+            _, src_type = tensor_type(inferred, source.name)
+            graph.output.append(helper.make_tensor_value_info(source.name, src_type or TensorProto.FLOAT, None))
     graph.output.append(helper.make_tensor_value_info(pooled, elem_type, None))
+    log.info(
+        "representation: tensor %r (%s), pooling %s (%s); class scores: %s",
+        name, choice.reason, resolved, why,
+        f"{source.name!r} as {source.kind} ({source.reason})" if source else "none (no float (N, C) output)",
+    )  # fmt: skip
     return ExposedModel(
         model=edited,
         layer=name,
         pooled_output=pooled,
-        pooling=pooling,
-        logits_output=logits,
+        pooling=resolved,
+        logits_output=source.name if source else None,
         input_name=graph.input[0].name if graph.input else "",
+        logits_kind=source.kind if source else "logits",
+        layer_reason=choice.reason,
+        mask_input=mask if resolved == "tokens-masked" else None,
     )

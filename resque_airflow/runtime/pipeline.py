@@ -9,7 +9,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -29,7 +29,7 @@ from resque_airflow.core.summary import (
     companion_signals,
     sums_for,
 )
-from resque_airflow.errors import ResqueInputError
+from resque_airflow.errors import FingerprintError, ResqueInputError
 from resque_airflow.runtime.embed import EmbeddedBatch, Embedder
 from resque_airflow.runtime.readers import DataSource
 
@@ -135,16 +135,19 @@ def _pass(
     image_spec: ImageSpec | None = None,
     class_names: list[str] | None = None,
     progress: Progress | None = None,
+    source_options: dict | None = None,
 ) -> tuple[A, PassStats, DataSource]:
     """The one streaming pass of every entry point: read ``data``, run it through ``embedder``, accumulate.
 
     ``start(first_batch)`` makes the accumulator (its width is known only once the model has produced features);
     ``feed(accumulator, batch)`` adds each batch to it, the first included. Returns the accumulator, what the pass
-    saw, and the opened source (its kind and class names go into a fingerprint).
+    saw, and the opened source (its kind and class names go into a fingerprint). ``source_options``: more
+    :class:`DataSource` arguments (text spec, label column, class count).
     """
     source = DataSource(
-        data, batch_size=batch_size, image_spec=image_spec, image_size=embedder.image_size, class_names=class_names
-    )
+        data, batch_size=batch_size, image_spec=image_spec, class_names=class_names, inputs=embedder.inputs,
+        **(source_options or {}),
+    )  # fmt: skip
     acc: list[A] = []  # empty until the first batch
 
     def on_batch(eb: EmbeddedBatch) -> None:
@@ -167,19 +170,42 @@ def fingerprint_model(
     data: str,
     *,
     layer: str = "auto",
+    pooling: str = "auto",
     provider: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
-    image_spec: ImageSpec | None = None,
+    image_spec: ImageSpec | Mapping | None = None,
     num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    label_column: str = "label",
+    tokenizer: str | Path | None = None,
+    text_options: Mapping | None = None,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     progress: Progress | None = None,
 ) -> Fingerprint:
     """Compute a model's fingerprint from labelled reference data (one forward pass).
 
-    ``num_classes`` defaults to the width of the model's logits output; give it for models without one.
+    ``num_classes`` defaults to the width of the model's class-score output; give it for models without one.
+    ``image_spec``: the image preprocessing, or the fields given (flags) over what the model declares (see
+    :func:`~resque_airflow.runtime.preprocess.image_spec_for`). ``class_names``: the classes in id order (image
+    folders and class-name labels map to them by name). ``tokenizer``: a ``tokenizer.json`` for raw-text data, with
+    ``text_options`` (``column``, ``max_length``, ``padding``: see
+    :func:`~resque_airflow.runtime.tokenize.text_spec`). Everything the gate needs to read new data the same way
+    (inputs, preprocessing, tokenizer, label column, pooling) is recorded in the fingerprint.
     """
+    from resque_airflow.runtime import preprocess
+
     model_bytes, sha = read_model(model)
-    embedder = Embedder(model_bytes, layer=layer, provider=provider)
+    embedder = Embedder(model_bytes, layer=layer, pooling=pooling, provider=provider)
+    main = embedder.main_input
+    image = None
+    if len(main.shape) == 4 and np.dtype(main.dtype).kind == "f":  # an image input: its preprocessing is recorded
+        path = None if isinstance(model, bytes) else model
+        image = preprocess.image_spec_for(main, image_spec, model=embedder.exposed.model, model_path=path)
+    text = None
+    if tokenizer is not None:
+        from resque_airflow.runtime.tokenize import text_spec
+
+        text = text_spec(tokenizer, embedder.inputs, **dict(text_options or {}))
 
     def start(eb: EmbeddedBatch) -> FeatureSummary:
         k = num_classes or (eb.logits.shape[1] if eb.logits is not None else None)
@@ -188,8 +214,9 @@ def fingerprint_model(
         return FeatureSummary(k, eb.features.shape[1], sample_size=sample_size)
 
     summary, stats, source = _pass(
-        embedder, data, start, _update_summary, batch_size=batch_size, image_spec=image_spec, progress=progress
-    )
+        embedder, data, start, _update_summary, batch_size=batch_size, image_spec=image, class_names=class_names,
+        progress=progress, source_options={"text": text, "label_column": label_column},
+    )  # fmt: skip
     if not stats.labelled and embedder.exposed.logits_output is None:
         raise ResqueInputError(f"data: {data} has no labels and the model has no logits; the fingerprint needs one")
     log.info(
@@ -201,10 +228,13 @@ def fingerprint_model(
         pooling=embedder.exposed.pooling,
         logits_output=embedder.exposed.logits_output,
         input_spec=InputSpec(
-            name=embedder.input_name,
-            shape=embedder.input_shape,
-            dtype="float32",
-            image=image_spec if source.kind == "images" else None,
+            name=main.name,
+            shape=main.shape,
+            dtype=main.dtype,
+            image=image,
+            text=text,
+            inputs=tuple(embedder.inputs) if len(embedder.inputs) > 1 else (),
+            label_column=label_column,
         ),
         summary=summary,
         class_names=source.class_names,
@@ -251,11 +281,19 @@ def summarise(
     progress: Progress | None = None,
 ) -> tuple[FeatureSummary, PassStats]:
     """One pass of ``data`` through ``embedder`` into a :class:`FeatureSummary` shaped like the fingerprint's."""
-    ref = fingerprint.summary
+    ref, spec = fingerprint.summary, fingerprint.input_spec
+    if embedder.exposed.pooling != fingerprint.pooling:
+        raise FingerprintError(
+            f"fingerprint: made with pooling {fingerprint.pooling!r}, but the model is read with "
+            f"{embedder.exposed.pooling!r}; build the Embedder with pooling=fingerprint.pooling"
+        )
     summary, stats, _ = _pass(
         embedder, data, lambda _eb: FeatureSummary(ref.num_classes, ref.dim, sample_size=ref.sample_size),
-        _update_summary, batch_size=batch_size, image_spec=fingerprint.input_spec.image,
-        class_names=fingerprint.class_names, progress=progress,
+        _update_summary, batch_size=batch_size, image_spec=spec.image, class_names=fingerprint.class_names,
+        progress=progress, source_options={
+            "text": spec.text, "label_column": spec.label_column,
+            "num_classes": None if fingerprint.class_names else ref.num_classes,
+        },
     )  # fmt: skip
     return summary, stats
 
@@ -344,7 +382,7 @@ def score_dist(
     model_bytes, sha = read_model(model, sha256=model_sha256)
     fingerprint.check_model(sha, model_ref=model_ref or str(model if not isinstance(model, bytes) else "the model"))
     check_label_source(label_source)  # before the pass, which does not depend on it: a typo fails at once
-    embedder = Embedder(model_bytes, layer=fingerprint.layer, provider=provider)
+    embedder = Embedder(model_bytes, layer=fingerprint.layer, pooling=fingerprint.pooling, provider=provider)
     del model_bytes  # the session holds its own copy: keep the file's bytes (~45 MB for a ResNet-18) out of the peak
     imports = _import_in_background()  # overlaps the pass, where ORT leaves a core partly idle (reads, waits)
     # summarise by its module-level name: benchmarks/throughput_workers.py times the pass by wrapping it.

@@ -1,39 +1,59 @@
-"""Streaming readers for incoming data: ``.npy``/``.npz``, folders of shards, Parquet, and image folders.
+"""Streaming readers for incoming data: ``.npy``/``.npz``, folders of shards, Parquet, ``.jsonl``, image folders.
 
-Every reader yields :class:`Batch` objects of at most ``batch_size`` rows, so memory is bounded by the batch size
-(plus one shard for ``.npz``/remote ``.npy``), never by the data size. Paths may be local or any fsspec URL
-(``file://``, ``s3://``, ``gs://``, ``memory://`` ...).
+Every reader yields :class:`Batch` objects of at most ``batch_size`` rows, so memory is bounded by the batch size,
+never by the data size nor by what a file declares (see :mod:`~resque_airflow.runtime.arrays` and
+:mod:`~resque_airflow.runtime.images`). Paths may be local or any fsspec URL (``file://``, ``s3://``, ``gs://``,
+``memory://`` ...). Only regular files are read: a FIFO or a device in the data is refused, never opened (opening a
+FIFO blocks until someone writes to it).
+
+Arrays come out in the dtype the file holds; :func:`~resque_airflow.runtime.feed.prepare` converts them to what
+each model input takes.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
+import stat
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from resque_airflow.core.fingerprint import ImageSpec
+from resque_airflow.core.fingerprint import ImageSpec, TensorSpec, TextSpec
 from resque_airflow.errors import ResqueInputError
+from resque_airflow.runtime import arrays, images, preprocess, tables
+from resque_airflow.runtime.feed import main_input
 
 log = logging.getLogger(__name__)
 
 ARRAY_SUFFIXES = (".npy", ".npz")
+TABLE_SUFFIXES = (".parquet", ".pq", ".jsonl")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
 
 
 @dataclass
 class Batch:
-    """One batch of model input ``x`` (float32, shape ``(n, *input_shape)``), labels ``y`` (``(n,)`` or None)."""
+    """One batch: the arrays for the model's inputs (``{input name: (n, ...)}``, or ``{"x": ...}`` when the data
+    does not name the input), labels ``y`` (``(n,)`` or None), and where it came from."""
 
-    x: np.ndarray
+    inputs: dict[str, np.ndarray]
     y: np.ndarray | None
     source: str
+
+    @property
+    def x(self) -> np.ndarray:
+        """The first (for single-input data, the only) array."""
+        return next(iter(self.inputs.values()))
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
 
 
 def _filesystem(uri: str):
@@ -55,17 +75,21 @@ def _is_local(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _as_input(x: np.ndarray, source: str) -> np.ndarray:
-    if x.dtype.kind != "f":
-        raise ResqueInputError(
-            f"data: {source}: x has dtype {x.dtype}, but the model takes float32; convert the array (images as "
-            "files go through the image-folder reader instead)"
-        )
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
 class DataSource:
-    """A streaming view of one data URI. Iterate for batches; ``n_hint`` is the row count when cheap to know."""
+    """A streaming view of one data URI. Iterate for batches; ``n_hint`` is the row count when cheap to know.
+
+    Args:
+        inputs: the model's inputs (``.npz`` arrays and Parquet columns are matched to them by name); None: one
+            unnamed input.
+        image_spec: image preprocessing; None: read from the model's input (see
+            :func:`~resque_airflow.runtime.preprocess.image_spec_for`).
+        image_size: a fixed ``(H, W)`` when ``inputs`` is not given.
+        text: tokenization of a text column / ``.jsonl`` field.
+        class_names: the fingerprint's class names (labels by name); ``num_classes``: its class count, for folders
+            named by class id when it has no names.
+        label_column: the labels' Parquet column / ``.jsonl`` field (``.npz``: the array ``y``).
+        max_image_pixels: the most pixels an image may declare.
+    """
 
     def __init__(
         self,
@@ -77,16 +101,24 @@ class DataSource:
         class_names: list[str] | None = None,
         label_column: str = "label",
         decode_threads: int = 4,
+        inputs: Sequence[TensorSpec] | None = None,
+        text: TextSpec | None = None,
+        num_classes: int | None = None,
+        max_image_pixels: int = images.DEFAULT_MAX_PIXELS,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ResqueInputError(f"batch_size: expected a positive integer, got {batch_size!r}")
         self.uri = str(uri)
         self.batch_size = batch_size
+        self.inputs = list(inputs or [])
         self.image_spec = image_spec
         self.image_size = image_size
+        self.text = text
         self.class_names = list(class_names) if class_names else None
+        self.num_classes = num_classes
         self.label_column = label_column
         self.decode_threads = decode_threads
+        self.max_image_pixels = max_image_pixels
         self.fs, self.path = _filesystem(self.uri)
         self._local = _is_local(self.fs)
         if not self.fs.exists(self.path):
@@ -95,21 +127,43 @@ class DataSource:
         self.n_hint: int | None = self._count()
 
     # Discovery -------------------------------------------------------------------------------------------------
+    def _check_regular(self, path: str) -> None:
+        """Refuse a FIFO, socket or device before anything opens it (a FIFO would block the gate forever)."""
+        if self._local:
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                what = "a FIFO" if stat.S_ISFIFO(mode) else ("a socket" if stat.S_ISSOCK(mode) else "not a file")
+                raise ResqueInputError(
+                    f"data: {path} is {what}, not a regular file; only regular files are read: remove it from the data"
+                )
+
+    def _entries(self, path: str) -> tuple[list[str], list[str]]:
+        entries = sorted(self.fs.ls(path, detail=True), key=lambda e: e["name"])
+        dirs = [e["name"] for e in entries if e["type"] == "directory"]
+        files = []
+        for e in entries:
+            if e["type"] == "directory" or posixpath.basename(e["name"]).startswith("."):
+                continue
+            if e["type"] != "file":
+                self._check_regular(e["name"])  # raises for a FIFO, a socket, a device
+            files.append(e["name"])
+        return dirs, files
+
     def _discover(self) -> tuple[str, list]:
         if not self.fs.isdir(self.path):
+            self._check_regular(self.path)
             return self._kind_of(self.path), [self.path]
-        entries = sorted(self.fs.ls(self.path, detail=True), key=lambda e: e["name"])
-        dirs = [e["name"] for e in entries if e["type"] == "directory"]
-        files = [
-            e["name"] for e in entries if e["type"] != "directory" and not posixpath.basename(e["name"]).startswith(".")
-        ]
-        if dirs and not any(f.lower().endswith(ARRAY_SUFFIXES + PARQUET_SUFFIXES) for f in files):
+        dirs, files = self._entries(self.path)
+        suffixes = ARRAY_SUFFIXES + TABLE_SUFFIXES
+        if dirs and not any(f.lower().endswith(suffixes) for f in files):
             return "images", self._image_files(dirs)
-        shards = [f for f in files if f.lower().endswith(ARRAY_SUFFIXES + PARQUET_SUFFIXES)]
+        shards = [f for f in files if f.lower().endswith(suffixes)]
         if not shards:
             raise ResqueInputError(
                 f"data: {self.uri} holds no .npy/.npz/.parquet shards and no class sub-folders of images"
             )
+        for f in shards:
+            self._check_regular(f)
         kinds = {self._kind_of(f) for f in shards}
         if len(kinds) > 1:
             raise ResqueInputError(f"data: {self.uri} mixes shard formats {sorted(kinds)}; use one format per folder")
@@ -118,29 +172,23 @@ class DataSource:
     @staticmethod
     def _kind_of(path: str) -> str:
         low = path.lower()
-        if low.endswith(".npy"):
-            return "npy"
-        if low.endswith(".npz"):
-            return "npz"
-        if low.endswith(PARQUET_SUFFIXES):
-            return "parquet"
-        raise ResqueInputError(f"data: {path}: unsupported file type; expected .npy, .npz, .parquet or an image folder")
+        for suffixes, kind in (((".npy",), "npy"), ((".npz",), "npz"), (PARQUET_SUFFIXES, "parquet")):
+            if low.endswith(suffixes):
+                return kind
+        if low.endswith(".jsonl"):
+            return "jsonl"
+        raise ResqueInputError(
+            f"data: {path}: unsupported file type; expected .npy, .npz, .parquet, .jsonl or an image folder"
+        )
 
     def _image_files(self, dirs: list[str]) -> list[tuple[str, int]]:
         names = [posixpath.basename(d.rstrip("/")) for d in dirs]
-        if self.class_names is None:
-            self.class_names = names
-        index = {c: i for i, c in enumerate(self.class_names)}
-        unknown = [n for n in names if n not in index]
-        if unknown:
-            raise ResqueInputError(
-                f"data: class folders {unknown} in {self.uri} are not among the fingerprint's classes "
-                f"{self.class_names}; rename or remove them"
-            )
+        index, self.class_names = images.class_index(names, self.class_names, self.num_classes, self.uri)
         out = []
         for d, name in zip(dirs, names, strict=True):
             for f in sorted(self.fs.find(d)):
                 if f.lower().endswith(IMAGE_SUFFIXES):
+                    self._check_regular(f)
                     out.append((f, index[name]))
         if not out:
             raise ResqueInputError(
@@ -165,124 +213,83 @@ class DataSource:
         if self.kind == "images":
             yield from self._iter_images()
             return
-        reader = {"npy": self._iter_npy, "npz": self._iter_npz, "parquet": self._iter_parquet}[self.kind]
+        reader = {"npy": self._iter_npy, "npz": self._iter_npz, "parquet": self._iter_table, "jsonl": self._iter_table}
         for f in self.files:
             try:
-                yield from reader(f)
+                yield from reader[self.kind](f)
             except ResqueInputError:
                 raise
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated .npz: BadZipFile
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:  # truncated .npz: BadZipFile
                 raise ResqueInputError(f"data: cannot read shard {f}: {type(exc).__name__}: {exc}") from exc
-
-    def _slices(self, x: np.ndarray, y: np.ndarray | None, source: str) -> Iterator[Batch]:
-        if y is not None and y.shape[0] != x.shape[0]:
-            raise ResqueInputError(f"data: {source}: x has {x.shape[0]} rows but y has {y.shape[0]}")
-        for i in range(0, x.shape[0], self.batch_size):
-            yield Batch(
-                _as_input(x[i : i + self.batch_size], source), None if y is None else y[i : i + self.batch_size], source
-            )
-
-    def _iter_npy(self, path: str) -> Iterator[Batch]:
-        if self._local:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)  # pages in one batch at a time
-        else:
-            with self.fs.open(path, "rb") as f:
-                x = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        yield from self._slices(x, None, path)
-
-    def _iter_npz(self, path: str) -> Iterator[Batch]:
-        with self.fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-            if "x" not in z.files:
-                raise ResqueInputError(f"data: {path} has arrays {z.files}; expected 'x' (and optionally 'y')")
-            x = z["x"]
-            y = z["y"] if "y" in z.files else None
-        yield from self._slices(x, y, path)
-
-    def _iter_parquet(self, path: str) -> Iterator[Batch]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(self.fs.open(path, "rb"))
-        names = pf.schema_arrow.names
-        has_label = self.label_column in names
-        features = [c for c in names if c != self.label_column]
-        if not features:
-            raise ResqueInputError(f"data: {path} has no feature columns besides {self.label_column!r}")
-        for rb in pf.iter_batches(batch_size=self.batch_size):
-            table = pa.Table.from_batches([rb])
-            ftype = table.schema.field(features[0]).type
-            if len(features) == 1 and (pa.types.is_list(ftype) or pa.types.is_fixed_size_list(ftype)):
-                x = np.stack(table.column(features[0]).to_numpy(zero_copy_only=False)).astype(np.float32)
-            else:
-                x = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in features])
-            y = table.column(self.label_column).to_numpy(zero_copy_only=False) if has_label else None
-            yield Batch(_as_input(np.asarray(x), path), y, path)
 
     def _open(self, path: str):
         # fsspec's local file wrapper costs ~30 us per file in Python; a plain open() is the same bytes.
         return open(path, "rb") if self._local else self.fs.open(path, "rb")
 
-    def _decode(self, item: tuple[str, int]) -> np.ndarray:
-        """Decode one image to its pixels, ``(H, W)`` or ``(H, W, C)`` in the PIL mode's dtype (uint8 mostly).
+    def _iter_npy(self, path: str) -> Iterator[Batch]:
+        size = os.path.getsize(path) if self._local else self.fs.size(path)
+        with self._open(path) as f:
+            for chunk in arrays.iter_npy(f, size, path, self.batch_size):
+                yield Batch(chunk, None, path)
 
-        Scaling and normalisation are done per batch in :meth:`_to_input`, vectorised and in place.
-        """
-        from PIL import Image, UnidentifiedImageError
+    def _npz_arrays(self, path: str, members: list[str]) -> list[str]:
+        """The arrays of ``path`` to read for the model's inputs (``x`` or the input's name for one input)."""
+        names = [s.name for s in self.inputs]
+        if len(names) > 1:
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise ResqueInputError(
+                    f"data: {path}: the model takes inputs {names}, but the file has no arrays {missing} (it has "
+                    f"{members}); name the .npz arrays after the model's inputs"
+                )
+            return names
+        for candidate in ("x", *names):
+            if candidate in members:
+                return [candidate]
+        raise ResqueInputError(f"data: {path} has arrays {members}; expected 'x' (and optionally 'y')")
 
-        spec = self.image_spec or ImageSpec()
-        path, _ = item
-        try:
-            with self._open(path) as f, Image.open(f) as im:
-                if im.mode != spec.mode:
-                    im = im.convert(spec.mode)
-                if self.image_size is not None and im.size != (self.image_size[1], self.image_size[0]):
-                    h, w = self.image_size
-                    im = im.resize((w, h), Image.BILINEAR)
-                return np.asarray(im)
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ResqueInputError(f"data: image {path} cannot be decoded ({exc}); remove or replace it") from exc
+    def _iter_npz(self, path: str) -> Iterator[Batch]:
+        with self._open(path) as f:
+            with zipfile.ZipFile(f) as zf:
+                members = sorted(arrays.npz_members(zf))
+            f.seek(0)
+            wanted = self._npz_arrays(path, members)
+            for chunk in arrays.iter_npz(f, path, wanted, "y", self.batch_size):
+                y = chunk.pop("y", None)
+                yield Batch(chunk, y, path)
 
-    def _to_input(self, pixels: list[np.ndarray]) -> np.ndarray:
-        """Stack decoded images into a channels-first float32 batch ``(n, C, H, W)``: ``(pixel * scale - mean) / std``.
-
-        One float32 buffer is written once and normalised in place, with the same float32 operations in the same
-        order as a per-image computation (so the values are bit-identical), instead of three temporaries per image.
-        """
-        spec = self.image_spec or ImageSpec()
-        first = pixels[0]
-        if any(p.shape != first.shape for p in pixels):
-            raise ResqueInputError(
-                f"data: {self.uri}: images of different sizes {sorted({p.shape for p in pixels})[:3]} in one batch; "
-                "give the model's input size (a fixed-size model input resizes them) or resize the images"
-            )
-        if first.ndim == 2:
-            h, w = first.shape
-            c = 1
-        else:
-            h, w, c = first.shape
-        x = np.empty((len(pixels), c, h, w), np.float32)
-        for i, p in enumerate(pixels):
-            # HWC -> CHW while converting to float32: one pass over the pixels.
-            np.copyto(x[i], p[None] if p.ndim == 2 else p.transpose(2, 0, 1), casting="unsafe")
-        mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)
-        std = np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
-        if mean.size not in (1, c) or std.size not in (1, c):
-            return (x * np.float32(spec.scale) - mean) / std  # broadcasts to more channels, as per image before
-        x *= np.float32(spec.scale)
-        x -= mean
-        x /= std
-        return x
+    def _iter_table(self, path: str) -> Iterator[Batch]:
+        kwargs = dict(label=self.label_column, text=self.text, class_names=self.class_names)
+        with self._open(path) as f:
+            if self.kind == "parquet":
+                it = tables.iter_parquet(f, path, self.inputs, batch_size=self.batch_size, **kwargs)
+            else:
+                it = tables.iter_jsonl(
+                    io.TextIOWrapper(f, encoding="utf-8"), path, self.inputs, batch_size=self.batch_size, **kwargs
+                )
+            for inputs, y in it:
+                yield Batch(inputs, y, path)
 
     def _iter_images(self) -> Iterator[Batch]:
+        main = main_input(self.inputs) if self.inputs else None
+        spec = preprocess.image_spec_for(main, self.image_spec)
+        geo = preprocess.geometry(spec, main, self.image_size)
+        budget = images.PixelBudget(self.max_image_pixels)
+
+        def decode(item: tuple[str, int]):
+            return images.decode(item[0], self._open, spec, geo, budget, self.max_image_pixels)
+
         items = self.files
         chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        name = main.name if main is not None else "x"
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="resque-decode") as pool:
             # Decode batch i+1 while batch i is consumed: at most two batches of pixels in memory.
-            pending = [pool.map(self._decode, chunks[0])] if chunks else []
+            pending = [pool.map(decode, chunks[0])] if chunks else []
             for i, chunk in enumerate(chunks):
-                decoded = pending.pop(0)
+                decoded = list(pending.pop(0))
                 if i + 1 < len(chunks):
-                    pending.append(pool.map(self._decode, chunks[i + 1]))
-                x = self._to_input(list(decoded))
+                    pending.append(pool.map(decode, chunks[i + 1]))
+                where = f"{self.uri} (images {i * self.batch_size}..{i * self.batch_size + len(chunk) - 1})"
+                x = preprocess.to_tensor([p for p, _ in decoded], [o for _, o in decoded], spec, geo, where)
                 y = np.fromiter((label for _, label in chunk), np.int64, len(chunk))
-                yield Batch(x, y, f"{self.uri} (images {i * self.batch_size}..{i * self.batch_size + len(chunk) - 1})")
+                yield Batch({name: x}, y, where)
