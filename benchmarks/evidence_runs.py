@@ -46,7 +46,7 @@ def calibration_columns(reference: FeatureSummary, new: FeatureSummary) -> dict:
     """
     from resque_airflow.core.calibration import calibrate
 
-    out: dict = {"reference_accuracy": reference.accuracy}
+    out: dict = {"reference_accuracy": reference.accuracy, "n_new": new.n}
     for source, suffix in (("given", ""), ("predicted", "_predicted")):
         cal = calibrate(reference, new, label_source=source)
         out |= {
@@ -55,8 +55,10 @@ def calibration_columns(reference: FeatureSummary, new: FeatureSummary) -> dict:
             f"interval_high{suffix}": cal.interval[1],
         }  # fmt: skip
         if source == "given":
-            out["accuracy"] = None if cal.measured is None else cal.measured.value
-            out["atc_accuracy"] = None if cal.estimated is None else cal.estimated.value
+            for name, acc in (("accuracy", cal.measured), ("atc_accuracy", cal.estimated)):
+                out |= {name: None, f"{name}_low": None, f"{name}_high": None}
+                if acc is not None:
+                    out |= {name: acc.value, f"{name}_low": acc.low, f"{name}_high": acc.high}
     return out
 
 

@@ -1,8 +1,9 @@
 """The calibrated decision: reuse, retrain or rebuild as the comparison a budget owner would make.
 
-1. **Reuse** when no shift is detected at false-alarm rate ``alpha`` (the score is within its calibrated null for
-   this model and batch size), or when the accuracy (measured with labels, else estimated by ATC) stays at or above
-   the model's retrain target.
+1. **Reuse** when the accuracy (measured with labels, else estimated by ATC) stays at or above the model's retrain
+   target with its whole 90% interval, or when no shift is detected at false-alarm rate ``alpha`` (the score is
+   within its calibrated null for this model and batch size) and the accuracy guard does not object: a measured
+   accuracy below the target (or an estimate whose interval lies below it) is never reused.
 2. Otherwise the predicted fine-tuning cost decides: **rebuild** when it exceeds the model's recorded training cost
    (training anew would be cheaper), else **retrain**.
 3. With prices, **reuse** when what retraining would recover (accuracy points to recover x the value of a point)
@@ -117,7 +118,7 @@ def decide_calibrated(
     >>> for part in v.reason.split("; "):
     ...     print(part)
     shift detected (RESQUE 0.031, null p99 0.012 at n=2,000)
-    estimated accuracy 0.88 < target 0.91
+    estimated accuracy 0.88 (0.86-0.9) < target 0.91
     predicted fine-tuning 0.1-0.6 kWh, below the rebuild cost 1.2 kWh -> retrain
     """
     q = round(100 * (1 - detection.alpha), 2)
@@ -129,14 +130,21 @@ def decide_calibrated(
     def verdict(decision: Decision, policy: str) -> Verdict:
         return Verdict(decision, "; ".join(parts) + f" -> {decision.value}", policy)
 
-    if not detection.detected:
-        return verdict(Decision.REUSE, "calibrated")
+    guarded = False
     if accuracy is not None and target is not None:
         word = "measured" if accuracy.source == "measured" else "estimated"
-        ok = accuracy.value >= target
-        parts.append(f"{word} accuracy {accuracy.value:.3g} {'>=' if ok else '<'} target {target:.3g}")
-        if ok:
+        meets = accuracy.low >= target  # the whole interval at or above the target: confident it still meets it
+        # The accuracy guard: a measured accuracy below the target (or an estimate whose interval lies below it)
+        # is never reused, whatever RESQUE says: noise that destroys information can move it little.
+        guarded = accuracy.value < target if accuracy.source == "measured" else accuracy.high < target
+        sign = ">=" if meets else "<" if guarded else "~"
+        parts.append(
+            f"{word} accuracy {accuracy.value:.3g} ({accuracy.low:.3g}-{accuracy.high:.3g}) {sign} target {target:.3g}"
+        )
+        if meets:
             return verdict(Decision.REUSE, "calibrated+accuracy")
+    if not detection.detected and not guarded:
+        return verdict(Decision.REUSE, "calibrated")
     if cost is None:
         return verdict(Decision.RETRAIN, "calibrated")
     rebuild = cost.predicted > cost.rebuild
