@@ -7,7 +7,7 @@ import importlib
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,17 @@ class ExportReport:
     exporter: str
 
 
-def _wrapped(model, layer: str | None):
+def _first(out):
+    """The tensor of a module output: a Hugging Face ``ModelOutput``'s logits, a tuple's first item, or itself."""
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return logits
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _wrapped(model, layer: str | None, names: list[str] | None):
+    """``model`` called with positional inputs (by ``names`` as keywords when given), returning ``logits`` or
+    ``(logits, output of layer)``, so every output gets a stable tensor name in the ONNX graph."""
     import torch
 
     modules = dict(model.named_modules())
@@ -46,22 +56,21 @@ def _wrapped(model, layer: str | None):
         raise ResqueInputError(f"layer: the torch model has no module named {layer!r}; some module names: {sample}")
 
     class WithLayer(torch.nn.Module):
-        """Returns (logits, output of ``layer``) so the layer gets a stable tensor name in the ONNX graph."""
-
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, x):
+        def forward(self, *xs):
             seen = []
-            handle = modules[layer].register_forward_hook(lambda _m, _i, out: seen.append(out))
+            handle = modules[layer].register_forward_hook(lambda _m, _i, out: seen.append(out)) if layer else None
             try:
-                logits = self.model(x)
+                out = self.model(**dict(zip(names, xs, strict=True))) if names else self.model(*xs)
             finally:
-                handle.remove()
-            return logits, seen[-1]
+                if handle is not None:
+                    handle.remove()
+            return (_first(out), _first(seen[-1])) if layer else _first(out)
 
-    return WithLayer() if layer is not None else model
+    return WithLayer()
 
 
 def import_callable(ref: str, *, what: str = "factory") -> Callable[..., Any]:
@@ -102,64 +111,69 @@ def _quiet_loggers(*names: str):
 
 def export_torch(
     model: torch.nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     *,
     layer: str | None = None,
     opset: int = 18,
     check: bool = True,
     atol: float = 1e-4,
+    dynamic_axes: Mapping[str, Sequence[int]] | None = None,
 ) -> ExportReport:
     """Export a torch classifier to a single ONNX file with a dynamic batch axis.
 
     Args:
-        model: a ``torch.nn.Module`` returning logits ``(N, C)``; put in eval mode here.
-        example_input: a ``(N, ...)`` float tensor of the model's input shape.
+        model: a ``torch.nn.Module`` returning logits ``(N, C)`` (or a Hugging Face output with ``.logits``); put
+            in eval mode here.
+        example_input: a ``(N, ...)`` tensor of the model's input shape (graph input ``input``), or tensors by
+            input name (``input_ids``, ``attention_mask`` ...: passed as keywords, each a graph input of that name).
         path: where to write the ``.onnx`` file (no external data file for models under 2 GB).
         layer: torch module name of the representation layer (e.g. ``"layer4.1.conv2"``); it becomes a graph
             output of the same name and is recorded in the model metadata, so ``layer="auto"`` finds it.
-        check: compare ONNX Runtime with torch on random inputs of two batch sizes; raise if they differ by more
-            than ``atol``.
+        check: compare ONNX Runtime with torch on inputs of two batch sizes (random for one tensor input, the
+            example's rows for named inputs); raise if they differ by more than ``atol``.
+        dynamic_axes: axes besides the batch axis that stay dynamic, by input name; default: the sequence axis
+            (1) of rank-2 integer inputs (token ids and masks), so one export takes any text length.
     """
     import onnx
     import torch
 
     model = model.eval()
-    wrapped = _wrapped(model, layer).eval()
+    named = isinstance(example_input, Mapping)
+    inputs = dict(example_input) if named else {INPUT_NAME: example_input}
+    names = list(inputs)
+    wrapped = _wrapped(model, layer, names if named else None).eval()
     outputs = [LOGITS_NAME] + ([layer] if layer else [])
+    extra = {k: list(v) for k, v in (dynamic_axes or {}).items()}
+    if dynamic_axes is None:
+        extra = {k: [1] for k, v in inputs.items() if v.ndim == 2 and not v.is_floating_point()}
+    dims = {k: [0, *extra.get(k, [])] for k in names}
+    args = tuple(inputs.values())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     exporter = "dynamo"
     with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"):
         warnings.simplefilter("ignore")
         try:
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.onnx.export(
-                wrapped,
-                (example_input,),
-                input_names=[INPUT_NAME],
-                output_names=outputs,
-                dynamic_shapes=({0: batch},),
-                opset_version=opset,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
+            shared: dict[int, object] = {}  # one Dim per axis index: token ids and mask share their length
+            spec = tuple(
+                {a: shared.setdefault(a, torch.export.Dim("batch" if a == 0 else f"axis{a}", min=1)) for a in dims[k]}
+                for k in names
             )
+            program = torch.onnx.export(
+                wrapped, args, input_names=names, output_names=outputs, dynamic_shapes=spec, opset_version=opset,
+                dynamo=True, external_data=False, verbose=False,
+            )  # fmt: skip
             proto = program.model_proto
         except Exception as exc:  # the dynamo exporter still rejects some models the TorchScript one handles
             log.info("dynamo export failed (%s); using the TorchScript exporter", first_line(exc, 200))
             exporter = "torchscript"
             tmp = path.with_suffix(".tmp.onnx")
+            axes = {k: {a: "batch" if a == 0 else f"axis{a}" for a in dims[k]} for k in names}
             torch.onnx.export(
-                wrapped,
-                (example_input,),
-                str(tmp),
-                input_names=[INPUT_NAME],
-                output_names=outputs,
-                dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
-                opset_version=opset,
-                dynamo=False,
-            )
+                wrapped, args, str(tmp), input_names=names, output_names=outputs,
+                dynamic_axes=axes | {o: {0: "batch"} for o in outputs}, opset_version=opset, dynamo=False,
+            )  # fmt: skip
             proto = onnx.load(str(tmp))
             tmp.unlink()
     if layer:
@@ -171,23 +185,27 @@ def export_torch(
 
     diff_logits, diff_layer = 0.0, None
     if check:
-        diff_logits, diff_layer = _check(wrapped, path, example_input, layer is not None, atol)
+        diff_logits, diff_layer = _check(wrapped, path, inputs, named, layer is not None, atol)
     return ExportReport(str(path), layer, diff_logits, diff_layer, exporter)
 
 
-def _check(wrapped, path: Path, example_input, has_layer: bool, atol: float) -> tuple[float, float | None]:
+def _check(wrapped, path: Path, inputs: dict, named: bool, has_layer: bool, atol: float) -> tuple[float, float | None]:
     import onnxruntime as ort
     import torch
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)
     worst_logits, worst_layer = 0.0, 0.0 if has_layer else None
+    first = next(iter(inputs.values()))
     for n in (1, 3):
-        x = torch.randn((n, *example_input.shape[1:]), generator=gen, dtype=example_input.dtype)
+        if named:  # token ids are not random numbers: the example's rows, repeated to n
+            xs = {k: v.repeat((n // v.shape[0] + 1,) + (1,) * (v.ndim - 1))[:n] for k, v in inputs.items()}
+        else:
+            xs = {INPUT_NAME: torch.randn((n, *first.shape[1:]), generator=gen, dtype=first.dtype)}
         with torch.no_grad():
-            ref = wrapped(x)
+            ref = wrapped(*xs.values())
         ref = ref if isinstance(ref, tuple) else (ref,)
-        got = sess.run(None, {INPUT_NAME: x.numpy()})
+        got = sess.run(None, {k: v.numpy() for k, v in xs.items()})
         worst_logits = max(worst_logits, float(np.max(np.abs(got[0] - ref[0].numpy()))))
         if has_layer:
             worst_layer = max(worst_layer, float(np.max(np.abs(got[1] - ref[1].numpy()))))
