@@ -132,7 +132,9 @@ def _row(client, name: str, returncode: int) -> dict:
         "batch": name, "score": run.data.metrics.get(names.SCORE_METRIC),
         "decision": run.data.tags.get(names.DECISION_TAG), "acc_drop": run.data.metrics.get("acc_drop"),
         "branch": ",".join(branch) or "-", "dag_state": "success" if returncode == 0 else f"failed ({returncode})",
-        "gate_run_id": run.info.run_id,
+        "gate_run_id": run.info.run_id, "null_q": run.data.metrics.get("null_quantile"),
+        "low": run.data.metrics.get("resque_score_low"), "high": run.data.metrics.get("resque_score_high"),
+        "predicted": run.data.metrics.get("predicted_steps_to_target"), "reason": run.data.tags.get(names.REASON_TAG),
     }  # fmt: skip
     retrain_exp = client.get_experiment_by_name(names.RETRAIN_EXPERIMENT)
     if retrain_exp is not None:
@@ -152,10 +154,13 @@ def _print_table(rows: list[dict]) -> None:
     for col in (
         "batch",
         "RESQUE_dist",
+        "90% interval",
+        "null p99",
         "acc drop",
         "decision",
         "branch taken",
         "DAG run",
+        "predicted steps",
         "steps",
         "epochs",
         "wall s",
@@ -168,13 +173,17 @@ def _print_table(rows: list[dict]) -> None:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         censored = " (censored)" if c.get("censored") else ""
         table.add_row(
-            r["batch"], fmt(r["score"], ".4f"), fmt(r["acc_drop"], "+.3f"), r["decision"] or "-", r["branch"],
-            r["dag_state"],
+            r["batch"], fmt(r["score"], ".4f"),
+            "-" if r["low"] is None else f"{r['low']:.4f}-{r['high']:.4f}", fmt(r["null_q"], ".4f"),
+            fmt(r["acc_drop"], "+.3f"), r["decision"] or "-", r["branch"], r["dag_state"], fmt(r["predicted"], ".0f"),
             fmt(c.get("steps_to_target"), ".0f") + censored, fmt(c.get("epochs_to_target"), ".2f"),
             fmt(c.get("wall_s"), ".1f"), fmt(c.get("energy_kwh"), ".2e"),
             f"v{c['version']} @challenger" if c else "-",
         )  # fmt: skip
-    Console(width=140).print(table)
+    console = Console(width=160)
+    console.print(table)
+    for r in rows:
+        console.print(f"  {r['batch']}: {r['reason'] or '-'}")
 
 
 if __name__ == "__main__":
