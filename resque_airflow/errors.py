@@ -8,11 +8,17 @@ received and the fix.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Collection
 
 
 class ResqueError(Exception):
-    """Base class of every error raised on purpose by this package."""
+    """Base class of every error raised on purpose by this package. Its message is redacted (:func:`redact`) when
+    the error is made, so no credential in a URI reaches a CLI line, a task error, a log or a ``resque.error`` tag."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ResqueInputError(ResqueError, ValueError):
@@ -67,3 +73,81 @@ def first_line(exc: BaseException | str, limit: int = 300) -> str:
         if line.strip():
             return line.strip()[:limit]
     return type(exc).__name__ if isinstance(exc, BaseException) else ""
+
+
+# Redaction: the one place that knows what a secret looks like in text -------------------------------------------
+
+REDACTED = "***"
+# Environment variables whose values are credentials: their values are removed from any text that is redacted.
+SECRET_ENV_VARS = (
+    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_CONNECTION_STRING",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)  # fmt: skip
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#@\s'\"<>]+)@")
+_QUERY_SECRET = re.compile(
+    r"(?i)(?P<key>[?&;](?:[a-z0-9_.\-]*(?:token|password|passwd|pwd|secret|signature|sig|credential|api[_-]?key"
+    r"|access[_-]?key|sas|auth))=)(?P<value>[^&#\s'\"<>]+)"
+)
+
+
+def redact(text: object) -> str:
+    """``text`` with credentials replaced by ``***``: ``user:pass@`` in URLs, secret query parameters (tokens,
+    signatures, keys) and the values of :data:`SECRET_ENV_VARS`. Idempotent; everything else is kept.
+
+    >>> redact("cannot reach http://alice:pw@mlflow:5000/api?x=1&token=abc")
+    'cannot reach http://***@mlflow:5000/api?x=1&token=***'
+    >>> redact("s3://bucket/data.npz")
+    's3://bucket/data.npz'
+    """
+    text = str(text)
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    text = _QUERY_SECRET.sub(lambda m: f"{m['key']}{REDACTED}", text)
+    for var in SECRET_ENV_VARS:
+        value = os.environ.get(var)
+        if value and len(value) >= 4 and value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without user:pass@, user, password)``; the user and password are None when the URI has none.
+
+    >>> split_userinfo("https://bob:pw@host:5000/x")
+    ('https://host:5000/x', 'bob', 'pw')
+    """
+    m = _USERINFO.match(uri or "")
+    if not m:
+        return uri, None, None
+    user, _, password = m["userinfo"].partition(":")
+    from urllib.parse import unquote
+
+    return m["scheme"] + uri[m.end() :], unquote(user), unquote(password) if password else None
+
+
+class _RedactingRecordFactory:
+    """A log-record factory that redacts every record's message once, whatever logger or handler it goes to."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        record = self.inner(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a record whose arguments do not format: leave it to the handler's own error report
+            return record
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
+
+
+def install_log_redaction() -> None:
+    """Redact credentials from every log record of this process (idempotent): Airflow's masker knows only the
+    connection's password, not a ``user:pass@`` inside a data URL or a tracking URI."""
+    import logging
+
+    current = logging.getLogRecordFactory()
+    if not isinstance(current, _RedactingRecordFactory):
+        logging.setLogRecordFactory(_RedactingRecordFactory(current))

@@ -303,7 +303,15 @@ class Fingerprint:
         Each file is written under a temporary name and renamed, so a reader never sees a partial file.
         """
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-probe.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ResqueInputError(
+                f"fingerprint: cannot write to {out} ({exc.strerror or type(exc).__name__}); give a writable folder"
+            ) from exc
         buf = io.BytesIO()
         np.savez(buf, **self.summary.to_arrays())
         npz = buf.getvalue()

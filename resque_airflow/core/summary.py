@@ -281,7 +281,12 @@ class FeatureSummary(Mergeable):
 
     @classmethod
     def from_parts(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> FeatureSummary:
-        """Rebuild a summary from :meth:`to_scalars` and :meth:`to_arrays`; raises on inconsistent widths."""
+        """Rebuild a summary from :meth:`to_scalars` and :meth:`to_arrays`; raises on inconsistent widths.
+
+        The declared shape is checked against the stored arrays before anything is allocated: a tampered
+        ``num_classes`` of 1e9 is a one-line error, not a MemoryError.
+        """
+        _check_declared(scalars, arrays)
         out = cls(
             scalars["num_classes"], scalars["dim"], sample_size=scalars["sample_size"],
             replicates=scalars["replicates"],
@@ -310,6 +315,24 @@ class FeatureSummary(Mergeable):
             if cs.dim != out.dim:
                 raise ResqueInputError(f"summary: {name} sums have width {cs.dim}, expected {out.dim}")
         return out
+
+
+def _check_declared(scalars: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Raise unless the scalars' ``num_classes``, ``dim`` and ``replicates`` are those of the stored arrays, and the
+    stored sums are finite (NaN sums would give a NaN score)."""
+    try:
+        k, d, r = (int(scalars[key]) for key in ("num_classes", "dim", "replicates"))
+        given, reps = np.shape(arrays["given_sums"]), np.shape(arrays["given_rep_sums"])
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ResqueInputError(f"summary: damaged ({type(exc).__name__}: {exc})") from exc
+    if (k, d) != tuple(given) or (r, k, d) != tuple(reps) or int(scalars.get("sample_size", 0)) > 10**8:
+        raise ResqueInputError(
+            f"summary: declares num_classes={k}, dim={d}, replicates={r}, but its arrays are {tuple(given)} and "
+            f"{tuple(reps)}; it is damaged or was tampered with"
+        )
+    for name in ("given_sums", "predicted_sums", "pooled_sums"):
+        if not np.isfinite(np.asarray(arrays[name], np.float64)).all():
+            raise ResqueInputError(f"summary: {name} holds NaN or infinite values; it is damaged")
 
 
 def check_label_source(label_source: str) -> str:

@@ -4,17 +4,58 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from resque_airflow.core.fingerprint import Fingerprint, sha256_file
+from resque_airflow.core.fingerprint import Fingerprint
 from resque_airflow.errors import FingerprintError, ModelError, RegistryError
 from resque_airflow.registry.client import ModelRef, registry_call
+from resque_airflow.runtime.pipeline import read_model
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 FINGERPRINT_DIR = "extra_files"  # where mlflow.onnx.log_model(extra_files=...) puts the fingerprint files
+
+
+TMP_PREFIX = "resque-gate-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_leftovers(tmp: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the download folders of gates whose process is gone (a SIGKILLed gate cannot clean up after itself).
+
+    Each gate downloads into ``$TMPDIR/resque-gate-<pid>-*`` (:func:`download_dir`); a folder whose pid is not a
+    live process is a leftover. Best effort; returns the folders removed.
+    """
+    import shutil
+
+    removed = []
+    for p in Path(tmp or tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        pid = p.name[len(TMP_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d download folder(s) left by killed gates: %s", len(removed), [str(p) for p in removed])
+    return removed
+
+
+def download_dir() -> tempfile.TemporaryDirectory:
+    """A private temporary folder for one gate's model download, named by this process's pid, after sweeping the
+    folders that killed gates left behind (:func:`sweep_leftovers`)."""
+    sweep_leftovers()
+    return tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-")
 
 
 def check_inside(root: Path) -> None:
@@ -54,20 +95,31 @@ def fetch_model(client, version, dst: str | os.PathLike, *, need_fingerprint: bo
     # The version's own artifact location, downloaded with this client's tracking URI: resolving ``models:/``
     # through mlflow.artifacts would consult the process-wide registry URI instead.
     source = registry_call(f"locating {uri}", client.get_model_version_download_uri, version.name, version.version)
-    local = Path(
-        registry_call(
-            f"downloading {uri}",
-            mlflow.artifacts.download_artifacts,
-            artifact_uri=source,
-            dst_path=str(dst),
-            tracking_uri=client.tracking_uri,
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = Path(
+            registry_call(
+                f"downloading {uri}",
+                mlflow.artifacts.download_artifacts,
+                artifact_uri=source,
+                dst_path=str(dst),
+                tracking_uri=client.tracking_uri,
+            )
         )
-    )
+    except MlflowException as exc:  # registry_call passes "does not exist" and "invalid value" through
+        detail = " ".join(str(exc).split())[:300]
+        if "No such artifact" in str(exc) or getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            raise ModelError(f"model: the artifacts of {uri} are missing from the artifact store ({detail}); "
+                             "publish the model again (resque publish)") from exc  # fmt: skip
+        raise RegistryError(f"MLflow: downloading {uri} failed: {detail}") from exc
     check_inside(dst)
     model_path = local / MODEL_FILE
     if not model_path.is_file():
         raise ModelError(f"model: {uri} holds no {MODEL_FILE}; register it with resque publish")
-    sha = sha256_file(model_path)
+    # Every file of the model: model.onnx and the external weights it names (read from its own folder), as the
+    # scoring pass will load them; the fingerprint binds that hash.
+    sha = read_model(model_path)[1]
     fp = None
     fp_dir = local / FINGERPRINT_DIR
     if (fp_dir / "fingerprint.json").is_file():

@@ -14,18 +14,67 @@ from resque_airflow.errors import NotRegisteredError, RegistryError, ResqueInput
 _URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
-def make_client(tracking_uri: str, registry_uri: str | None = None):
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
+
+
+def check_tracking_uri(uri: str, *, what: str = "tracking_uri", create: bool = False) -> None:
+    """Refuse a tracking or registry URI the gate cannot use, before MLflow touches it.
+
+    - an unknown scheme (``foo://``), or a file store (``file://``, a plain folder): MLflow's file store holds no
+      model registry that a gate can rely on (it is in maintenance mode);
+    - a relative ``sqlite:///`` path: Airflow task processes do not share the caller's working directory;
+    - a ``sqlite:////`` path whose database does not exist (unless ``create``, as ``resque publish`` does): MLflow
+      would silently create the folders and an empty database for a mistyped path.
+    """
+    from resque_airflow.errors import redact
+
+    shown = redact(uri)
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("", "file"):
+        raise ResqueInputError(
+            f"{what}: {shown!r} is an MLflow file store, which holds no model registry the gate can use; give a "
+            "database (sqlite:////abs/path/mlflow.db, postgresql://...) or a server (http://host:5000)"
+        )
+    if scheme not in _DB_SCHEMES + _SERVER_SCHEMES:
+        raise ResqueInputError(
+            f"{what}: {shown!r} has an unknown scheme {scheme!r}; expected one of "
+            f"{', '.join(s + '://' for s in _SERVER_SCHEMES[:2] + _DB_SCHEMES)}"
+        )
+    if scheme != "sqlite":
+        return
+    if not uri.startswith("sqlite:////"):
+        raise ResqueInputError(f"{what}: {shown!r} is a relative SQLite path; use sqlite:////absolute/path.db")
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if db.is_file() or (create and db.parent.is_dir()):
+        return
+    if create:
+        raise ResqueInputError(
+            f"{what}: the folder {db.parent} of the SQLite database {db} does not exist; create it, or fix the path"
+        )
+    raise ResqueInputError(
+        f"{what}: no MLflow database at {db}; check the path (a registry is created by resque publish)"
+    )
+
+
+def make_client(tracking_uri: str, registry_uri: str | None = None, *, create: bool = False):
     """An :class:`mlflow.MlflowClient` bound explicitly to ``tracking_uri`` (and ``registry_uri``).
 
-    A relative ``sqlite:///`` path is refused: Airflow task processes do not share the caller's working directory.
+    The URIs are checked by :func:`check_tracking_uri` (``create``: a SQLite database may be created, as by
+    ``resque publish``). The client redacts credentials from everything it writes (params, tags, artifacts), and
+    MLflow's log lines go through the process's logging (Airflow's task log, at their own level) instead of
+    MLflow's own handler on stderr.
     """
+    from resque_airflow.errors import install_log_redaction
+
     if not tracking_uri:
         raise ResqueInputError(
             "tracking_uri: empty; give the MLflow tracking URI (http://host:5000 or sqlite:////abs/path.db)"
         )
-    for uri in (tracking_uri, registry_uri):
-        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            raise ResqueInputError(f"tracking_uri: {uri!r} is a relative SQLite path; use sqlite:////absolute/path.db")
+    check_tracking_uri(tracking_uri, create=create)
+    if registry_uri and registry_uri != tracking_uri:
+        check_tracking_uri(registry_uri, what="registry_uri", create=create)
+    install_log_redaction()
     # An unreachable server should fail a gate in seconds, not after MLflow's default ~2 minutes of backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -34,9 +83,85 @@ def make_client(tracking_uri: str, registry_uri: str | None = None):
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow draws a download progress bar on stderr for multi-file artifacts: the CLI's error channel stays one line.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
+    _client_class()  # imports mlflow, which installs its own stderr handler: route its records first
+    route_mlflow_logging()
+    return _client_class()(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+
+def route_mlflow_logging() -> None:
+    """Send MLflow's log records through the process's logging instead of MLflow's own handler on stderr.
+
+    MLflow gives its ``mlflow`` logger a stderr handler at INFO: under Airflow every such line lands on the task's
+    stderr and is shown as ERROR, which breaks grep-for-errors alerting. Routed, an INFO record stays INFO (Airflow's
+    task log) and follows the host's level (the CLI shows warnings only). ``MLFLOW_LOGGING_LEVEL``, when set, is
+    kept as the ``mlflow`` logger's level.
+    """
+    import logging
+
+    def mlflows_own(handler: logging.Handler) -> bool:
+        return type(getattr(handler, "stream", None)).__name__ == "MlflowLoggingStream"
+
+    for name in ("mlflow", "alembic", "sqlalchemy.engine", "huey"):  # the loggers MLflow configures
+        logger = logging.getLogger(name)
+        if not any(mlflows_own(h) for h in logger.handlers):
+            continue
+        logger.handlers = [h for h in logger.handlers if not mlflows_own(h)]
+        logger.propagate = True
+        if name == "mlflow":
+            logger.setLevel(os.environ.get("MLFLOW_LOGGING_LEVEL", "").upper() or logging.NOTSET)
+
+
+_CLIENT_CLASS = None
+
+
+def _client_class():
+    """:class:`mlflow.MlflowClient` whose writes are redacted (one subclass, made once)."""
+    global _CLIENT_CLASS
+    if _CLIENT_CLASS is not None:
+        return _CLIENT_CLASS
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    from resque_airflow.errors import redact
+
+    def clean(value):
+        return redact(value) if isinstance(value, str) else value
+
+    def clean_tree(obj):
+        if isinstance(obj, dict):
+            return {clean(k): clean_tree(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(clean_tree(v) for v in obj)
+        return clean(obj)
+
+    class RedactingMlflowClient(MlflowClient):
+        """Every param, tag and JSON artifact this client writes is redacted (credentials in URIs and tokens)."""
+
+        def create_run(self, experiment_id, start_time=None, tags=None, run_name=None):
+            return super().create_run(experiment_id, start_time, clean_tree(tags), run_name)
+
+        def log_param(self, run_id, key, value, synchronous=None):
+            return super().log_param(run_id, key, clean(str(value)), synchronous=synchronous)
+
+        def set_tag(self, run_id, key, value, synchronous=None):
+            return super().set_tag(run_id, key, clean(str(value)), synchronous=synchronous)
+
+        def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+            params = [Param(p.key, clean(p.value)) for p in params or ()]
+            tags = [RunTag(t.key, clean(t.value)) for t in tags or ()]
+            return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
+
+        def log_dict(self, run_id, dictionary, artifact_file):
+            return super().log_dict(run_id, clean_tree(dictionary), artifact_file)
+
+        def log_text(self, run_id, text, artifact_file):
+            return super().log_text(run_id, clean(text), artifact_file)
+
+        def set_model_version_tag(self, name, version=None, key=None, value=None, stage=None):
+            return super().set_model_version_tag(name, version, key, clean(str(value)), stage)
+
+    _CLIENT_CLASS = RedactingMlflowClient
+    return _CLIENT_CLASS
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:
@@ -52,19 +177,40 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 
 
 def ensure_experiment(client, name: str) -> str:
-    """The id of experiment ``name``, created (with :func:`artifact_location_for`) if missing."""
+    """The id of experiment ``name``, created (with :func:`artifact_location_for`) if missing.
+
+    Raises:
+        ResqueInputError: ``name`` is empty, or the experiment was deleted (MLflow keeps a deleted experiment's
+            name: it must be restored or purged, or another name given).
+        RegistryError: the registry failed, including a full disk or an unwritable artifact folder while creating.
+    """
     from mlflow.exceptions import MlflowException
 
+    if not name or not str(name).strip():
+        raise ResqueInputError(f"experiment: the MLflow experiment name is empty ({name!r}); give one, e.g. "
+                               f"{names_default()!r}")  # fmt: skip
     exp = registry_call(f"reading experiment {name!r}", client.get_experiment_by_name, name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location_for(client.tracking_uri))
-    except MlflowException:  # created concurrently by another gate
-        exp = registry_call(f"reading experiment {name!r}", client.get_experiment_by_name, name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return registry_call(f"creating experiment {name!r}", client.create_experiment, name,
+                                 artifact_location=artifact_location_for(client.tracking_uri))  # fmt: skip
+        except MlflowException:  # created concurrently by another gate
+            exp = registry_call(f"reading experiment {name!r}", client.get_experiment_by_name, name)
+            if exp is None:
+                raise
+    if getattr(exp, "lifecycle_stage", "active") == "deleted":
+        raise ResqueInputError(
+            f"experiment: MLflow experiment {name!r} (id {exp.experiment_id}) is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {exp.experiment_id}), purge it (mlflow gc), or give "
+            "another experiment name"
+        )
+    return exp.experiment_id
+
+
+def names_default() -> str:
+    from resque_airflow.registry.names import DEFAULT_EXPERIMENT
+
+    return DEFAULT_EXPERIMENT
 
 
 @dataclass(frozen=True)
@@ -115,7 +261,7 @@ def registry_call(what: str, fn, *args, **kwargs):
             raise
         raise RegistryError(f"MLflow: {what} failed: {first_line(exc)}") from exc
     except (OSError, ConnectionError) as exc:
-        raise RegistryError(f"MLflow: {what} failed (registry unreachable?): {exc}") from exc
+        raise RegistryError(f"MLflow: {what} failed (registry unreachable?): {first_line(exc)}") from exc
 
 
 def resolve_version(client, ref: ModelRef):

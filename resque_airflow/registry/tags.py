@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from datetime import datetime
 
 from resque_airflow.registry import names
 from resque_airflow.registry.client import iso_time, search_literal
@@ -24,11 +25,29 @@ _TAG_ROUNDS = 8  # bound on write-and-verify rounds under contention; two suffic
 _WRITE_CONFLICT = ("UNIQUE constraint failed", "IntegrityError", "Duplicate entry", "duplicate key value")
 
 
-def _order(payload: dict | None) -> tuple[str, str]:
-    """Sort key of a gate result: its time, then its run id (so that two gates in the same millisecond agree)."""
+# A gate result stamped further ahead of this gate's own clock than this is not trusted to be the newest: one worker
+# whose clock runs a year ahead would otherwise hide every later gate for a year.
+MAX_CLOCK_SKEW_S = 600
+
+
+def _order(payload: dict | None, horizon: str | None = None) -> tuple[bool, str, str]:
+    """Sort key of a gate result: plausible first, then its time, then its run id (two gates in one millisecond
+    agree). A time later than ``horizon`` (ISO; this gate's clock plus :data:`MAX_CLOCK_SKEW_S`) comes from a clock
+    that runs ahead: such a result ranks below every plausible one, so it cannot hide later gates."""
     if not payload:
-        return ("", "")
-    return (str(payload.get("time", "")), str(payload.get("run_id", "")))
+        return (False, "", "")
+    stamp = str(payload.get("time", ""))
+    return (horizon is None or stamp <= horizon, stamp, str(payload.get("run_id", "")))
+
+
+def _horizon(ours: dict) -> str:
+    """The latest time a result may carry and still count as newer: this gate's own time (or clock) plus the skew."""
+    now_ms = int(time.time() * 1000)
+    try:
+        own_ms = int(datetime.fromisoformat(str(ours["time"])).timestamp() * 1000)
+    except (KeyError, ValueError, TypeError):
+        own_ms = now_ms
+    return iso_time(max(now_ms, own_ms) + MAX_CLOCK_SKEW_S * 1000)
 
 
 def _tag_payload(tags: dict) -> dict | None:
@@ -51,7 +70,7 @@ def _derived(payload: dict) -> dict[str, str]:
     return out
 
 
-def _newest_finished_gate(client, exp_id: str, name: str, version: str) -> dict | None:
+def _newest_finished_gate(client, exp_id: str, name: str, version: str, horizon: str | None = None) -> dict | None:
     """The newest decided gate run of ``name``/``version`` in ``exp_id``, as a tag payload (None if there is none)."""
     name_literal, version_literal = search_literal(name), search_literal(version)
     if name_literal is None or version_literal is None:
@@ -64,7 +83,7 @@ def _newest_finished_gate(client, exp_id: str, name: str, version: str) -> dict 
             "and attributes.status = 'FINISHED'"
         ),
         order_by=["attributes.end_time DESC"],
-        max_results=20,  # enough to break ties of equal end times by run id
+        max_results=50,  # enough to break ties of equal end times by run id, and to see past a few runs from the future
     )
     best = None
     for run in runs:
@@ -75,7 +94,7 @@ def _newest_finished_gate(client, exp_id: str, name: str, version: str) -> dict 
             "score": score, "decision": run.data.tags[names.DECISION_TAG], "run_id": run.info.run_id,
             "time": iso_time(run.info.end_time), "mode": run.data.params.get("mode", ""),
         }  # fmt: skip
-        if _order(payload) > _order(best):
+        if _order(payload, horizon) > _order(best, horizon):
             best = payload
     return best
 
@@ -117,12 +136,13 @@ def tag_model_version(client, name: str, version: str, payload: dict, exp_id: st
     overwritten.
     """
     ours = payload
+    horizon = _horizon(ours)
     for _ in range(_TAG_ROUNDS):
         tags = dict(client.get_model_version(name, version).tags)
         candidates = [ours, _tag_payload(tags)]
         if exp_id is not None:
-            candidates.append(_newest_finished_gate(client, exp_id, name, version))
-        newest = max((c for c in candidates if c), key=_order)
+            candidates.append(_newest_finished_gate(client, exp_id, name, version, horizon))
+        newest = max((c for c in candidates if c), key=lambda c: _order(c, horizon))
         wanted = _derived(newest)
         if all(tags.get(k) == v for k, v in wanted.items()):
             if newest is not ours:

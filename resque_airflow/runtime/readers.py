@@ -293,3 +293,11 @@ class DataSource:
                 x = preprocess.to_tensor([p for p, _ in decoded], [o for _, o in decoded], spec, geo, where)
                 y = np.fromiter((label for _, label in chunk), np.int64, len(chunk))
                 yield Batch({name: x}, y, where)
+
+
+def check_data_exists(uri: str) -> None:
+    """Raise the error :class:`DataSource` would for a data URI of an unknown scheme or that does not exist, without
+    reading anything: the gate checks this before it downloads the model."""
+    fs, path = _filesystem(str(uri))
+    if not fs.exists(path):
+        raise ResqueInputError(f"data: {uri} does not exist")
