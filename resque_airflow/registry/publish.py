@@ -44,7 +44,7 @@ def publish_model(
     name: str,
     model_path: str | Path,
     reference: str,
-    alias: str = "champion",
+    alias: str | None = "champion",
     layer: str = "auto",
     pooling: str = "auto",
     provider: str = "auto",
@@ -87,7 +87,7 @@ def publish_model(
         image_spec=image_spec, num_classes=num_classes, class_names=class_names, label_column=label_column,
         tokenizer=tokenizer, text_options=text_options, progress=progress,
     )  # fmt: skip
-    client = make_client(tracking_uri, registry_uri)
+    client = make_client(tracking_uri, registry_uri, create=True)  # the first publish creates the registry
     exp_id = ensure_experiment(client, experiment_name)
     tags = {names.KIND_TAG: run_kind, names.MODEL_NAME_TAG: name} | dict(run_tags or {})
     run = registry_call("creating the publish run", client.create_run, exp_id, tags=tags, run_name=f"{run_kind}-{name}")
@@ -133,7 +133,8 @@ def publish_model(
         mv = client.create_model_version(
             name, source=f"{run.info.artifact_uri}/{names.MODEL_ARTIFACT}", run_id=run_id, tags=mv_tags
         )
-        client.set_registered_model_alias(name, alias, mv.version)
+        if alias:  # None: registered without an alias (a challenger that missed its target)
+            client.set_registered_model_alias(name, alias, mv.version)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
