@@ -104,3 +104,33 @@ def train_bert(model, tokenizer_path: Path, n: int = 600, epochs: int = 4, max_l
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def digits_split(seed: int = 0):
+    """scikit-learn's bundled digits (1,797 x 64 integer pixels 0..16): train / reference / new thirds."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(y))
+    x, y = x[order].astype(np.int64), y[order]
+    a, b = 900, 1350
+    return (x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:])
+
+
+def write_tabular_parquet(path: Path, x: np.ndarray, y: np.ndarray | None, label="label") -> Path:
+    """One integer column per feature (``px0`` ...), and the labels."""
+    cols = {f"px{i}": x[:, i] for i in range(x.shape[1])}
+    if y is not None:
+        cols[label] = y
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def skl_onnx(estimator, x: np.ndarray, path: Path, *, zipmap: bool) -> Path:
+    """``estimator`` converted by skl2onnx for float32 input, probabilities as a tensor or as ZipMap."""
+    from skl2onnx import to_onnx
+
+    last = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    options = None if zipmap else {id(last): {"zipmap": False}}
+    path.write_bytes(to_onnx(estimator, x[:1].astype(np.float32), options=options, target_opset=17).SerializeToString())
+    return path

@@ -22,6 +22,7 @@ from resque_airflow.runtime.layers import (
     infer,
     logits_source,
     mask_input,
+    probe_shapes,
     producers,
     tensor_type,
     trace_layout,
@@ -97,6 +98,9 @@ def _rank(inferred: onnx.ModelProto, original: onnx.ModelProto, name: str) -> in
     producer = producers(original).get(name)
     if producer is not None and producer.op_type == "Conv":
         return 4
+    probed = probe_shapes(original, [name]).get(name)
+    if probed is not None:
+        return len(probed)
     raise ModelError(f"layer: cannot infer the rank of tensor {name!r}; export the model with shapes")
 
 
@@ -208,7 +212,8 @@ def expose_layer(model: onnx.ModelProto, layer: str = "auto", pooling: str = "au
     resolved, why = resolve_pooling(edited, name, rank, pooling)
     mask = mask_input(edited)
     _check_pooling(resolved, rank, name, mask)
-    source = logits_source(edited, exclude=name)
+    # The class scores may be the representation itself (a tree ensemble's probabilities, named as the layer).
+    source = logits_source(edited, exclude=name) or logits_source(edited)
     pooled = _pool(edited, name, rank, resolved, elem_type, mask if resolved == "tokens-masked" else None)
     graph = edited.graph
     originals = {o.name: o for o in graph.output}

@@ -124,9 +124,10 @@ def choose_layer(model: onnx.ModelProto, layer: str = "auto") -> LayerChoice:
             data = _data_inputs(node, constants)[:1] if node.op_type in _LINEAR_ML else _data_inputs(node, constants)
             # A MatMul of two activations (attention scores) is not a classifier; a classifier has one weight.
             if len(data) == 1:
+                what = "its features" if node.op_type in _LINEAR_ML else "the last hidden layer"
                 return LayerChoice(
                     data[0], f"input of the final {node.op_type} node {node.name or '(unnamed)'!r} (the classifier's "
-                    "input: the last hidden layer)",
+                    f"input: {what})",
                 )  # fmt: skip
     trees = [n for n in graph.node if n.op_type in _TREES]
     if trees:
@@ -280,3 +281,35 @@ def candidate_layers(model: onnx.ModelProto) -> list[Candidate]:
             seen.add(name)
             out.append(Candidate(name, node.op_type, _shape_text(shape), name == chosen))
     return out
+
+
+def probe_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of tensors ``names`` from one ONNX Runtime run on a dummy batch of 2 rows (dynamic axes: 2 rows, 8
+    elsewhere; zeros, masks of ones), for graphs ONNX's shape inference cannot follow (``ai.onnx.ml`` ops such as
+    skl2onnx's Scaler). Tensors that cannot be probed are left out."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import helper
+
+    if not names:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    feed = {}
+    for i in probe.graph.input:
+        t = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (2 if k == 0 else 8) for k, d in enumerate(t.shape.dim)]
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        feed[i.name] = (np.ones if "mask" in i.name.lower() else np.zeros)(dims, dtype)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(names, feed)
+    except Exception:  # best effort: the caller reports the unknown rank
+        return {}
+    return {n: tuple(np.asarray(o).shape) for n, o in zip(names, outs, strict=True) if isinstance(o, np.ndarray)}
