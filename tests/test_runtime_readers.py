@@ -90,7 +90,8 @@ def test_errors_name_the_problem(tmp_path):
         DataSource(str(tmp_path / "missing.npz"))
     np.savez(tmp_path / "ints.npz", x=np.ones((3, 1, 2, 2), np.uint8))
     with pytest.raises(ResqueInputError, match="x has dtype uint8, but the model takes float32 for input 'input'"):
-        prepare_feed({"x": collect(DataSource(str(tmp_path / "ints.npz")))[0]}, [TensorSpec("input", "float32", (None, 1, 2, 2))], "t")
+        x = collect(DataSource(str(tmp_path / "ints.npz")))[0]
+        prepare_feed({"x": x}, [TensorSpec("input", "float32", (None, 1, 2, 2))], "t")
     np.savez(tmp_path / "nox.npz", features=np.ones((3, 2)))
     with pytest.raises(ResqueInputError, match="expected 'x'"):
         collect(DataSource(str(tmp_path / "nox.npz")))
