@@ -7,9 +7,15 @@ accuracy on a held-out split, logging what it cost (steps, epochs, gradient norm
 emissions) with the id of the gate run that triggered it, and registering the result as ``@challenger``.
 
 The MLflow registry is the Airflow connection ``mlflow_default`` (type ``mlflow``, host = tracking URI).
+
+GPU workers: set ``RESQUE_GATE_QUEUE=gpu`` (and ``RESQUE_TRAIN_QUEUE``) in the DAG processor's environment. A queue is
+fixed when the DAG is parsed, so it is a deployment setting, not a run param. For the two-DAG pattern (asset events,
+approval of costly retrains) see ``resque_gate_assets.py`` and ``resque_retrain.py``.
 """
 
 from __future__ import annotations
+
+import os
 
 import pendulum
 from airflow.providers.standard.operators.empty import EmptyOperator
@@ -17,6 +23,9 @@ from airflow.sdk import Param, TriggerRule, dag
 
 from resque_airflow.operators.challenger import ResqueChallengerOperator, ResqueReuseOperator
 from resque_airflow.operators.gate import ResqueGateOperator
+
+GATE_QUEUE = os.environ.get("RESQUE_GATE_QUEUE", "default")
+TRAIN_QUEUE = os.environ.get("RESQUE_TRAIN_QUEUE", "default")
 
 
 @dag(
@@ -46,6 +55,7 @@ def resque_gate():
         rebuild_task_id="rebuild",
         reuse_threshold="{{ params.reuse_threshold }}",
         rebuild_threshold="{{ params.rebuild_threshold }}",
+        queue=GATE_QUEUE,
     )
 
     # Nothing to retrain: the reuse branch records that on the gate run, so the audit trail says it was acted on.
@@ -55,6 +65,7 @@ def resque_gate():
         "data": "{{ params.data_uri }}",
         "max_epochs": "{{ params.max_epochs }}",
         "country_iso_code": "{{ params.country_iso_code }}",
+        "queue": TRAIN_QUEUE,
     }
     retrain = ResqueChallengerOperator(task_id="retrain", fresh=False, **challenger)  # fine-tune the champion
     rebuild = ResqueChallengerOperator(task_id="rebuild", fresh=True, **challenger)  # same architecture, fresh weights

@@ -25,6 +25,12 @@ def get_provider_info() -> dict:
                         "schema": {"type": ["string", "null"]},
                         "description": "Model registry URI when it differs from the tracking URI (the host).",
                     },
+                    "ui_url": {
+                        "label": "MLflow UI URL",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Address of the MLflow UI for task links (needed for SQLite stores: the "
+                        "`mlflow ui` started on the same database). The default connection id is mlflow_default.",
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "port", "extra"],
@@ -33,11 +39,20 @@ def get_provider_info() -> dict:
                         "login": "Username",
                         "password": "Password or token",
                     },
-                    "placeholders": {"host": "http://mlflow:5000 or sqlite:////abs/path/mlflow.db"},
+                    "placeholders": {
+                        "host": "http://mlflow:5000 or sqlite:////abs/path/mlflow.db",
+                        "ui_url": "http://127.0.0.1:5000",
+                    },
                 },
             }
         ],
         "hook-class-names": ["resque_airflow.hooks.mlflow.MlflowHook"],
+        "asset-uris": [{"schemes": ["mlflow"], "handler": "resque_airflow.registry.assets.normalize_uri"}],
+        "extra-links": [
+            "resque_airflow.operators.links.ResqueGateRunLink",
+            "resque_airflow.operators.links.ResqueModelVersionLink",
+            "resque_airflow.operators.links.ResqueChallengerRunLink",
+        ],
         "operators": [
             {
                 "integration-name": "RESQUE",
@@ -45,6 +60,8 @@ def get_provider_info() -> dict:
                     "resque_airflow.operators.gate",
                     "resque_airflow.operators.shard",
                     "resque_airflow.operators.challenger",
+                    "resque_airflow.operators.approval",
+                    "resque_airflow.operators.assets",
                 ],
             }
         ],

@@ -58,6 +58,11 @@ class MlflowHook(BaseHook):
     def registry_uri(self) -> str | None:
         return (self.connection.extra_dejson or {}).get("registry_uri") or None
 
+    @property
+    def ui_url(self) -> str | None:
+        """Extra ``ui_url``: the MLflow UI address for links (needed for SQLite/file stores, optional for servers)."""
+        return (self.connection.extra_dejson or {}).get("ui_url") or None
+
     def configure_credentials(self) -> None:
         """Hand this connection's credentials to MLflow (the environment variables it reads), and only them.
 

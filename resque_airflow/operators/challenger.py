@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from resque_airflow.operators.errors import reported_to_airflow
+from resque_airflow.operators.errors import ResqueBadInputError, reported_to_airflow
+from resque_airflow.operators.links import (
+    CHALLENGER_RUN,
+    ResqueChallengerRunLink,
+    ResqueModelVersionLink,
+    record_links,
+)
 from resque_airflow.registry.client import ModelRef
 
 if TYPE_CHECKING:
@@ -27,6 +33,8 @@ def _gated_uri(gate_result: dict) -> str:
 class ResqueChallengerOperator(BaseOperator):
     """Train a challenger on ``data`` after a gate, measure what it cost, and register it as ``@alias``.
 
+    Links: the challenger's run and its model version in the MLflow UI.
+
     ``fresh=False`` (retrain) fine-tunes the gated version's weights; ``fresh=True`` (rebuild) trains the same
     architecture from freshly initialised weights. Training stops at 0.95 x the gated version's reference accuracy
     on a held-out split, or after ``max_epochs``; the measured cost (steps, epochs, gradient norms, parameter change,
@@ -37,9 +45,14 @@ class ResqueChallengerOperator(BaseOperator):
     Bad input (unlabelled data, no weights or factory on file) fails the task without retry; a registry outage
     fails it retryably (:mod:`resque_airflow.operators.errors`).
 
-    :param gate_result: the gate's result, usually ``gate.output``. (templated)
-    :param data: path or fsspec URL of the labelled new data to train on. (templated)
-    :param fresh: False to retrain (fine-tune), True to rebuild (train from scratch).
+    A challenger that misses its target (censored at ``max_epochs``) is registered without the alias and tagged
+    ``resque.target=missed``: it never replaces the current ``@challenger``. Its measured cost is written back onto
+    the triggering gate run either way (``measured_<cost>``, beside ``predicted_<cost>``).
+
+    :param gate_result: the gate's result, usually ``gate.output``; None in an asset-scheduled DAG: then the
+        triggering event of the model asset in ``inlets`` is read (its extra). (templated)
+    :param data: path or fsspec URL of the labelled new data to train on; default: the gate's data. (templated)
+    :param fresh: False to retrain (fine-tune), True to rebuild (train from scratch); None: as the gate decided.
     :param max_epochs: cap on training, in epochs. (templated)
     :param country_iso_code: energy mix for the emissions estimate (codecarbon), e.g. ``"USA"``. (templated)
     :param alias: alias given to the challenger's version.
@@ -48,13 +61,14 @@ class ResqueChallengerOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("gate_result", "data", "max_epochs", "country_iso_code")
     ui_color = "#f5e6d6"
+    operator_extra_links = (ResqueChallengerRunLink(), ResqueModelVersionLink())
 
     def __init__(
         self,
         *,
-        gate_result: Any,
-        data: str,
-        fresh: bool,
+        gate_result: Any = None,
+        data: str | None = None,
+        fresh: bool | None = None,
         max_epochs: float = 40,
         country_iso_code: str = "USA",
         alias: str = "challenger",
@@ -74,16 +88,27 @@ class ResqueChallengerOperator(BaseOperator):
         from resque_airflow.hooks.mlflow import MlflowHook
         from resque_airflow.registry.challenger import train_challenger
 
-        kind = "rebuild" if self.fresh else "retrain"
         gate = self.gate_result
-        with reported_to_airflow(kind, model_uri=_gated_uri(gate), data=str(self.data), connection=self.mlflow_conn_id):
+        if gate is None:  # the retrain DAG: the gate's decision arrives as the asset event's extra
+            from resque_airflow.operators.assets import gate_result_from_events
+
+            gate = gate_result_from_events(context, self.inlets)
+        fresh = self.fresh if self.fresh is not None else gate.get("decision") == "rebuild"
+        data = self.data or gate.get("data_uri")
+        kind = "rebuild" if fresh else "retrain"
+        if not data:
+            raise ResqueBadInputError("data: not given and the gate result names no data_uri; pass data=")
+        with reported_to_airflow(kind, model_uri=_gated_uri(gate), data=str(data), connection=self.mlflow_conn_id):
             hook = MlflowHook(self.mlflow_conn_id)
             hook.configure_credentials()  # train_challenger builds its clients from the URIs
-            return train_challenger(
+            result = train_challenger(
                 tracking_uri=hook.tracking_uri, registry_uri=hook.registry_uri, gate_result=gate,
-                data_uri=str(self.data), fresh=self.fresh, max_epochs=_number("max_epochs", self.max_epochs),
+                data_uri=str(data), fresh=fresh, max_epochs=_number("max_epochs", self.max_epochs),
                 country_iso_code=self.country_iso_code, alias=self.alias,
             )  # fmt: skip
+        record_links(self, hook, hook.get_client(), run_id=result["run_id"],
+                     model=(result["model_name"], result["version"]), run_key=CHALLENGER_RUN)  # fmt: skip
+        return result
 
 
 class ResqueReuseOperator(BaseOperator):
@@ -124,3 +149,60 @@ def _number(name: str, value: object) -> object:
         return float(value)
     except ValueError as exc:
         raise ResqueInputError(f"{name}: expected a number, got {value!r}") from exc
+
+
+class ResquePromoteOperator(BaseOperator):
+    """The post-retrain gate: move ``@champion`` to ``@challenger`` only when MLflow's validation passes.
+
+    Both versions are evaluated on the held-out part of the challenger's training data (the split it held out)
+    and compared with ``mlflow.validate_evaluation_results`` (:mod:`resque_airflow.registry.promotion`). A worse
+    challenger, or one that missed its target, is not promoted; the task still succeeds and returns
+    ``{"promoted": false, "reason": ...}``. Without a challenger (the train task registered none) it is skipped.
+
+    :param challenger: the challenger task's result, usually ``train.output``. (templated)
+    :param min_absolute_change: how much the challenger's accuracy must exceed the champion's. (templated)
+    :param min_accuracy: an absolute floor for the challenger's accuracy (optional). (templated)
+    :param mlflow_conn_id: Airflow connection of type ``mlflow``.
+    """
+
+    template_fields: Sequence[str] = ("challenger", "min_absolute_change", "min_accuracy")
+    ui_color = "#d6e6f5"
+
+    def __init__(
+        self,
+        *,
+        challenger: Any,
+        min_absolute_change: float = 0.0,
+        min_accuracy: float | None = None,
+        champion_alias: str = "champion",
+        mlflow_conn_id: str = "mlflow_default",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.challenger = challenger
+        self.min_absolute_change = min_absolute_change
+        self.min_accuracy = min_accuracy
+        self.champion_alias = champion_alias
+        self.mlflow_conn_id = mlflow_conn_id
+
+    def execute(self, context: Context) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from resque_airflow.hooks.mlflow import MlflowHook
+        from resque_airflow.registry.promotion import promote_challenger
+
+        ch = self.challenger
+        if not isinstance(ch, dict) or "version" not in ch:
+            raise ResqueBadInputError(f"challenger: expected the challenger task's result, got {ch!r}")
+        if not ch.get("alias"):
+            raise AirflowSkipException(f"no challenger to promote: version {ch['version']} missed its target")
+        floor = _number("min_accuracy", self.min_accuracy) if self.min_accuracy not in (None, "None", "") else None
+        with reported_to_airflow("promotion", model_uri=f"models:/{ch['model_name']}@{ch['alias']}",
+                                 connection=self.mlflow_conn_id):  # fmt: skip
+            return promote_challenger(
+                MlflowHook(self.mlflow_conn_id).get_client(), ch["model_name"], data_uri=ch["data_uri"],
+                heldout_fraction=ch.get("heldout_fraction", 0.25), seed=ch.get("seed", 0),
+                champion_alias=self.champion_alias, challenger_alias=ch["alias"],
+                min_absolute_change=float(_number("min_absolute_change", self.min_absolute_change)),
+                min_accuracy=floor, gate_run_id=ch.get("gate_run_id"),
+            )  # fmt: skip

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 
-from resque_airflow.errors import ResqueInputError
+from resque_airflow.errors import ResqueInputError, redact
 
 
 class ResqueGateError(AirflowException):
@@ -58,7 +58,7 @@ class ResqueGateError(AirflowException):
             "stage": stage, "gate_run_id": run_id, "connection": connection,
         }  # fmt: skip
         # Built as cls(message) with the attributes set after: pickling (args = the message) round-trips.
-        err = cls(cls._message(exc, **attrs))
+        err = cls(redact(cls._message(exc, **attrs)))  # the data URL and any URI in exc: no credentials
         err.__dict__.update(attrs)
         return err
 

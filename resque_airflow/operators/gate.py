@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseBranchOperator
 
 from resque_airflow.operators.errors import ResqueBadInputError, ResqueGateError, reported_to_airflow
+from resque_airflow.operators.links import GATE_RUN, ResqueGateRunLink, ResqueModelVersionLink, record_links
 from resque_airflow.registry.client import ModelRef
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class ResqueGateOperator(BaseBranchOperator):
         "reuse_threshold", "rebuild_threshold", "alpha", "price_per_kwh", "value_per_accuracy_point",
     )  # fmt: skip
     ui_color = "#e8d6f5"
+    operator_extra_links = (ResqueGateRunLink(), ResqueModelVersionLink())
 
     def __init__(
         self,
@@ -161,9 +163,13 @@ class ResqueGateOperator(BaseBranchOperator):
             connection=self.mlflow_conn_id,
         ):  # fmt: skip
             request = self.request()
-            client = MlflowHook(self.mlflow_conn_id).get_client()
+            hook = MlflowHook(self.mlflow_conn_id)
+            client = hook.get_client()
             outcome = run_gate(request, client=client, routes=self.routes(), origin=origin, progress=_LogProgress())
         self.outcome = outcome.to_dict(per_class=False)
+        log.info("gate run %s: %s", outcome.gate_run_id, outcome.reason)
+        record_links(self, hook, client, run_id=outcome.gate_run_id, model=(outcome.model_name, outcome.model_version),
+                     run_key=GATE_RUN)  # fmt: skip
         return outcome.branch
 
     def request(self) -> GateRequest:
@@ -185,6 +191,10 @@ class ResqueGateOperator(BaseBranchOperator):
         # Pushed before branching: skipping the other branches ends execute() with DownstreamTasksSkipped, and
         # Airflow 3 then never pushes a returned value.
         context["ti"].xcom_push(key="return_value", value=self.outcome)
+        if self.outlets:  # a decision feed: the gate's own outlets get every decision (operators/assets.py)
+            from resque_airflow.operators.assets import fill_outlet_events
+
+            fill_outlet_events(context, self.outlets, self.outcome)
         self.do_branch(context, branch)
         return self.outcome
 
@@ -223,7 +233,8 @@ def _origin(ti) -> Origin:
 
 
 class _LogProgress:
-    """Periodic percentage lines in the task log (every 10%, or every 10 batches when the size is unknown)."""
+    """Percentage lines in the task log: every 10% (the first batch included, so a small batch says something),
+    or, when the size is unknown, the first batch and every 10th."""
 
     def __init__(self) -> None:
         self.last = -1
@@ -236,7 +247,7 @@ class _LogProgress:
             if pct > self.last:
                 self.last = pct
                 log.info("scoring: %d%% (%d / %d samples)", pct, done, total)
-        elif self.calls % 10 == 0:
+        elif self.calls == 1 or self.calls % 10 == 0:
             log.info("scoring: %d samples", done)
 
 

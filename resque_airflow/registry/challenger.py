@@ -15,11 +15,23 @@ import numpy as np
 
 from resque_airflow.errors import ResqueInputError
 from resque_airflow.registry import names
+from resque_airflow.registry.audit_loop import write_back_cost
 from resque_airflow.registry.client import make_client, registry_call
 from resque_airflow.registry.publish import publish_model
 from resque_airflow.runtime.readers import DataSource
 
 log = logging.getLogger(__name__)
+
+TARGET_TAG = "resque.target"  # on a challenger's run and version: whether it reached its target accuracy
+TARGET_MET = "met"
+TARGET_MISSED = "missed"
+
+
+def heldout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of a labelled set, stratified; the promotion check reuses the same held-out part."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed)
 
 
 def load_labelled(uri: str) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +105,6 @@ def train_challenger(
     Returns a JSON-serialisable dict: kind, version, run id, gate run id, target, and the measured costs.
     """
     import torch
-    from sklearn.model_selection import train_test_split
 
     from resque_airflow.runtime.export import export_torch
     from resque_airflow.runtime.training import fine_tune
@@ -110,7 +121,7 @@ def train_challenger(
     target = target_relative * reference_accuracy
 
     x, y = load_labelled(data_uri)
-    train_idx, held_idx = train_test_split(np.arange(len(y)), test_size=heldout_fraction, stratify=y, random_state=seed)
+    train_idx, held_idx = heldout_split(y, heldout_fraction, seed)
     kind = names.KIND_REBUILD if fresh else names.KIND_RETRAIN
     log.info(
         "%s %s v%s on %s: target held-out accuracy %.3f, cap %s epochs",
@@ -125,6 +136,7 @@ def train_challenger(
         model, x[train_idx], y[train_idx], x[held_idx], y[held_idx], target_accuracy=target, max_epochs=max_epochs,
         lr=lr, batch_size=batch_size, seed=seed, country_iso_code=country_iso_code, measure_energy=measure_energy,
     )  # fmt: skip
+    met = not cost.censored and cost.final_accuracy >= target
     with tempfile.TemporaryDirectory(prefix="resque-challenger-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         export_torch(
@@ -134,15 +146,27 @@ def train_challenger(
         torch.save(model.state_dict(), weights)
         published = publish_model(
             tracking_uri=tracking_uri, registry_uri=registry_uri, name=name, model_path=onnx_path,
-            reference=data_uri, alias=alias, layer=layer or "auto", provider="cpu", weights_path=weights,
+            reference=data_uri, alias=alias if met else None, layer=layer or "auto", provider="cpu",
+            weights_path=weights,
             torch_factory=factory_ref, training_cost=cost.to_metrics(), experiment_name=names.RETRAIN_EXPERIMENT,
             run_kind=kind,
-            run_tags={names.GATE_RUN_TAG: gate_result["gate_run_id"], names.SOURCE_VERSION_TAG: source_version},
+            run_tags={names.GATE_RUN_TAG: gate_result["gate_run_id"], names.SOURCE_VERSION_TAG: source_version,
+                      TARGET_TAG: TARGET_MET if met else TARGET_MISSED},
         )  # fmt: skip
+    if not met:  # recorded as such, on the version too, and never given the alias
+        registry_call("marking the challenger as missing its target", client.set_model_version_tag, name,
+                      published.version, TARGET_TAG, TARGET_MISSED)  # fmt: skip
+        log.warning(
+            "%s of %s v%s missed its target: held-out accuracy %.4f < %.4f after %s epochs; version %s is registered "
+            "without @%s (the current @%s, if any, is kept)", kind, name, source_version, cost.final_accuracy,
+            target, max_epochs, published.version, alias, alias,
+        )  # fmt: skip
+    write_back_cost(client, gate_result["gate_run_id"], published.run_id, cost.to_metrics(), met_target=met)
     result = {
         "kind": kind, "model_name": name, "source_version": source_version, "version": published.version,
-        "alias": alias, "run_id": published.run_id, "gate_run_id": gate_result["gate_run_id"],
-        "target_accuracy": target, **cost.to_metrics(),
+        "alias": alias if met else None, "run_id": published.run_id, "gate_run_id": gate_result["gate_run_id"],
+        "target_accuracy": target, "met_target": met, "heldout_fraction": heldout_fraction, "seed": seed,
+        "data_uri": data_uri, **cost.to_metrics(),
     }  # fmt: skip
     log.info("%s done: %s", kind, {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return result
