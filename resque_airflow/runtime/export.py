@@ -156,12 +156,12 @@ def export_torch(
         warnings.simplefilter("ignore")
         try:
             shared: dict[int, object] = {}  # one Dim per axis index: token ids and mask share their length
-            spec = tuple(
+            spec = tuple(  # forward(*xs): one entry, the tuple of the inputs' specs
                 {a: shared.setdefault(a, torch.export.Dim("batch" if a == 0 else f"axis{a}", min=1)) for a in dims[k]}
                 for k in names
             )
             program = torch.onnx.export(
-                wrapped, args, input_names=names, output_names=outputs, dynamic_shapes=spec, opset_version=opset,
+                wrapped, args, input_names=names, output_names=outputs, dynamic_shapes=(spec,), opset_version=opset,
                 dynamo=True, external_data=False, verbose=False,
             )  # fmt: skip
             proto = program.model_proto
