@@ -44,8 +44,15 @@ def champion(tmp_path_factory, airflow_db):
     onnx_path = export_torch(model, torch.from_numpy(s.train.x[:2]), home / "m.onnx", layer="conv2").path
     torch.save(model.state_dict(), home / "w.pt")
     ref = digits.write_npz(home / "ref.npz", s.reference.x, s.reference.y)
-    publish_model(tracking_uri=uri, name=MODEL, model_path=onnx_path, reference=str(ref), weights_path=home / "w.pt",
-                  torch_factory="resque_airflow.examples.digits:make_model", training_cost=cost.to_metrics())  # fmt: skip
+    publish_model(
+        tracking_uri=uri,
+        name=MODEL,
+        model_path=onnx_path,
+        reference=str(ref),
+        weights_path=home / "w.pt",
+        torch_factory="resque_airflow.examples.digits:make_model",
+        training_cost=cost.to_metrics(),
+    )
     shifted = digits.apply_shift(s.test.x, "salt_and_pepper", 0.3, seed=1)
     return uri, digits.write_npz(home / "shifted.npz", shifted, s.test.y), home
 
@@ -100,8 +107,7 @@ def answer(dag_id: str, option: str | None, box: dict) -> threading.Thread:
                 SchedulerJobRunner(job=Job()).check_awaiting_input_timeouts()
                 box["answered"] = "timeout"
                 return
-            from airflow.api_fastapi.app import create_app
-            from airflow.api_fastapi.app import get_auth_manager
+            from airflow.api_fastapi.app import create_app, get_auth_manager
             from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
             from fastapi.testclient import TestClient
 

@@ -79,9 +79,10 @@ def promote_challenger(
         for label, version in (("champion", champion), ("challenger", challenger)):
             fetched = fetch_model(client, version, f"{tmp}/{label}", need_fingerprint=False)
             acc[label] = _accuracy(fetched.model_path, x[held], y[held])
+    # Strictly better than the champion: MLflow's min_absolute_change is exclusive, and 0 would mean no threshold.
     thresholds = {
         METRIC: MetricThreshold(
-            threshold=min_accuracy, min_absolute_change=min_absolute_change or None, greater_is_better=True
+            threshold=min_accuracy, min_absolute_change=max(min_absolute_change, 1e-9), greater_is_better=True
         )
     }
     if challenger.tags.get(TARGET_TAG) == TARGET_MISSED:
