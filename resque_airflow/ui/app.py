@@ -161,6 +161,7 @@ def create_app(
     max_runs: int = 1000,
     dependencies: Sequence[Any] | None = None,
     title: str = "RESQUE audit",
+    login_url: Callable[[str], str] | None = None,
 ) -> FastAPI:
     """Build the audit app.
 
@@ -174,6 +175,8 @@ def create_app(
         max_runs: most recent gate runs shown per model.
         dependencies: FastAPI dependencies applied to every route (the plugin passes Airflow's authentication).
         title: page title.
+        login_url: given the page's URL, the login page to send a browser without a session to (pages get a
+            redirect instead of the raw 401 JSON; ``/api/`` keeps the 401).
     """
     if client_factory is None:  # the Airflow connection, read the way the plugin reads it
         from resque_airflow.ui.plugin import hook_client_factory
@@ -211,6 +214,17 @@ def create_app(
         if _relative_path(request).startswith("/api/"):
             return JSONResponse({"detail": message}, status_code=502)
         return render(request, "error.html", status_code=502, message=message)
+
+    if login_url is not None:
+        from fastapi.exception_handlers import http_exception_handler
+        from fastapi.responses import RedirectResponse
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+
+        @app.exception_handler(StarletteHTTPException)
+        async def to_login(request: Request, exc: StarletteHTTPException):  # type: ignore[no-untyped-def]
+            if exc.status_code == 401 and not _relative_path(request).startswith("/api/"):
+                return RedirectResponse(login_url(str(request.url)), status_code=303)
+            return await http_exception_handler(request, exc)
 
     _add_pages(app, reader, render, experiment_names)
     _add_api(app, reader)

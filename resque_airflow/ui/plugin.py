@@ -107,7 +107,15 @@ def build_app() -> FastAPI:
         experiment_names=experiments,
         dependencies=dependencies,
         title=APP_NAME,
+        login_url=_login_url if require_auth else None,
     )
+
+
+def _login_url(next_url: str) -> str:
+    """Airflow's login page, coming back to ``next_url`` (the auth manager knows where it is)."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager().get_url_login(next_url=next_url)
 
 
 def get_app() -> FastAPI:
