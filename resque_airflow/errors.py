@@ -85,6 +85,8 @@ SECRET_ENV_VARS = (
     "GOOGLE_APPLICATION_CREDENTIALS",
 )  # fmt: skip
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#@\s'\"<>]+)@")
+# The same user:pass@ once a library has stripped the scheme (fsspec logs "/alice:pw@bucket/key").
+_BARE_USERINFO = re.compile(r"(?P<pre>(?:^|[\s/'\"(=,]))[^\s/:@'\"<>*]+:[^\s/@'\"<>]+@")
 _QUERY_SECRET = re.compile(
     r"(?i)(?P<key>[?&;](?:[a-z0-9_.\-]*(?:token|password|passwd|pwd|secret|signature|sig|credential|api[_-]?key"
     r"|access[_-]?key|sas|auth))=)(?P<value>[^&#\s'\"<>]+)"
@@ -97,11 +99,14 @@ def redact(text: object) -> str:
 
     >>> redact("cannot reach http://alice:pw@mlflow:5000/api?x=1&token=abc")
     'cannot reach http://***@mlflow:5000/api?x=1&token=***'
+    >>> redact("info: /alice:pw@bucket/new.npz")
+    'info: /***@bucket/new.npz'
     >>> redact("s3://bucket/data.npz")
     's3://bucket/data.npz'
     """
     text = str(text)
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    text = _BARE_USERINFO.sub(lambda m: f"{m['pre']}{REDACTED}@", text)
     text = _QUERY_SECRET.sub(lambda m: f"{m['key']}{REDACTED}", text)
     for var in SECRET_ENV_VARS:
         value = os.environ.get(var)

@@ -195,7 +195,7 @@ def test_cost_history_of_a_model_name_with_a_quote(tmp_path):
     from resque_airflow.registry.client import ensure_experiment
     from resque_airflow.registry.costs import retrain_history
 
-    client = make_client(f"sqlite:///{tmp_path}/mlflow.db")
+    client = make_client(f"sqlite:///{tmp_path}/mlflow.db", create=True)
     gate_exp, retrain_exp = (ensure_experiment(client, e) for e in (names.DEFAULT_EXPERIMENT, names.RETRAIN_EXPERIMENT))
     for model in ("o'brien-cnn", "brien-cnn"):
         gate = client.create_run(gate_exp, tags={names.KIND_TAG: names.KIND_GATE, names.MODEL_NAME_TAG: model})

@@ -181,7 +181,7 @@ def test_default_http_retry_budget_is_seconds(monkeypatch):
 
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
-    make_client("sqlite:////tmp/unused-resque-reliability.db")
+    make_client("sqlite:////tmp/unused-resque-reliability.db", create=True)
     retries, timeout = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()
     factor, jitter = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get(), MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.get()
     # urllib3 2.x sleeps 0 before the first retry, then factor * 2 ** (n - 1), plus up to `jitter` each time.

@@ -309,12 +309,12 @@ def test_audit_main_exit_codes(registry: dict[str, Any], tmp_path: Path, capsys:
     assert audit_report.audit_main(MODEL, registry["uri"], as_json=True, registry_uri=registry["uri"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == len(GATES)
 
-    assert audit_report.audit_main("no-such-model", registry["uri"], as_json=False) == 2
+    assert audit_report.audit_main("no-such-model", registry["uri"], as_json=False) == 3
     err = capsys.readouterr().err.strip()
     assert "no gate runs" in err and "\n" not in err
 
     missing = tmp_path / "missing.db"
-    assert audit_report.audit_main(MODEL, f"sqlite:///{missing}", as_json=False) == 2
+    assert audit_report.audit_main(MODEL, f"sqlite:///{missing}", as_json=False) == 3
     assert "no MLflow database" in capsys.readouterr().err
     assert not missing.exists()  # reading never creates a registry
 
@@ -322,7 +322,7 @@ def test_audit_main_exit_codes(registry: dict[str, Any], tmp_path: Path, capsys:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     t = time.monotonic()
-    assert audit_report.audit_main(MODEL, f"http://127.0.0.1:{port}", as_json=False) == 2
+    assert audit_report.audit_main(MODEL, f"http://127.0.0.1:{port}", as_json=False) == 3
     assert time.monotonic() - t < 10
     err = capsys.readouterr().err.strip()
     assert "unreachable" in err and "\n" not in err

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from resque_airflow.errors import first_line
+from resque_airflow.errors import RegistryError, ResqueInputError, first_line, redact, split_userinfo
 from resque_airflow.registry.audit import GateRecord, gate_history
 from resque_airflow.registry.client import make_client
 
@@ -114,7 +114,8 @@ def check_reachable(tracking_uri: str, *, timeout: float = 5.0) -> str | None:
             return f"no MLflow database at {path or tracking_uri!r}"
         return None
     if parsed.scheme in ("http", "https"):
-        url = tracking_uri.rstrip("/") + "/health"
+        # /health needs no login; urllib cannot open a user:pass@ URL (MLflow's requests sends them itself)
+        url = split_userinfo(tracking_uri)[0].rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout):  # http(s) only: checked above
                 return None
@@ -122,7 +123,7 @@ def check_reachable(tracking_uri: str, *, timeout: float = 5.0) -> str | None:
             return None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            return f"MLflow tracking server {tracking_uri} is unreachable ({reason})"
+            return f"MLflow tracking server {redact(tracking_uri)} is unreachable ({reason})"
     if parsed.scheme in ("", "file"):
         path = parsed.path or tracking_uri
         if not os.path.exists(path):
@@ -133,25 +134,25 @@ def check_reachable(tracking_uri: str, *, timeout: float = 5.0) -> str | None:
 def audit_main(model: str, tracking_uri: str, as_json: bool, registry_uri: str | None = None) -> int:
     """``resque audit``: print the gate history of ``model`` as a table (or JSON) and return the exit code.
 
-    Returns 0 on success; 2, with a one-line message on stderr, when the registry cannot be read or the model has
-    no gate runs.
+    Returns 0 on success; 3 (the CLI's code for registry errors, as the README says), with a one-line message on
+    stderr, when the registry cannot be read or the model has no gate runs. Messages are redacted.
     """
     problem = check_reachable(tracking_uri)
     if problem is None and registry_uri and registry_uri != tracking_uri:
         problem = check_reachable(registry_uri)
     if problem:
-        print(f"resque audit: {problem}", file=sys.stderr)
-        return 2
+        print(redact(f"resque audit: {problem}"), file=sys.stderr)
+        return 3
     try:
         records = gate_history(make_client(tracking_uri, registry_uri), model)
     except Exception as exc:
         # first_line of the text, not of the exception: an empty message stays empty rather than repeating the type.
         message = f"resque audit: cannot read {tracking_uri}: {type(exc).__name__}: {first_line(str(exc), 500)}"
-        print(message[:500], file=sys.stderr)
+        print(redact(message)[:500], file=sys.stderr)
         log.debug("resque audit failed", exc_info=True)
-        return 2
+        return 2 if isinstance(exc, ResqueInputError) and not isinstance(exc, RegistryError) else 3
     if not records:
-        print(f"resque audit: model {model!r} has no gate runs at {tracking_uri}", file=sys.stderr)
-        return 2
-    print(to_json(records) if as_json else format_table(records), end="" if not as_json else "\n")
+        print(redact(f"resque audit: model {model!r} has no gate runs at {tracking_uri}"), file=sys.stderr)
+        return 3
+    print(redact(to_json(records) if as_json else format_table(records)), end="" if not as_json else "\n")
     return 0
