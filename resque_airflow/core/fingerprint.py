@@ -92,7 +92,8 @@ class ImageSpec:
             if len(values) not in (1, channels):
                 raise ResqueInputError(
                     f"image {what} (--image-{what}): {len(values)} values {tuple(values)} for mode {self.mode!r}, "
-                    f"which has {channels} channel{'s' if channels > 1 else ''}; give 1 or {channels} values"
+                    f"which has {channels} channel{'s' if channels > 1 else ''}; give "
+                    + ("1 value" if channels == 1 else f"1 or {channels} values")
                 )
         if any(float(s) == 0.0 for s in self.std):
             raise ResqueInputError(f"image std (--image-std): {tuple(self.std)} contains 0; give non-zero values")

@@ -11,6 +11,7 @@ share a budget of ``max_pixels``, so decoding never holds more than about one ca
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 
@@ -112,7 +113,7 @@ def decode(
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ResqueInputError(
-                        f"data: image {path} declares {w} x {h} = {w * h / 1e6:.0f} Mpx, more than the "
+                        f"data: image {path} declares {w * h / 1e6:.0f} Mpx ({w} x {h}), more than the "
                         f"{max_pixels / 1e6:.0f} Mpx allowed (max_image_pixels); shrink it or raise the limit"
                     )
                 budget.take(w * h)
@@ -126,6 +127,12 @@ def decode(
     except ResqueInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ResqueInputError(f"data: image {path} is a decompression bomb ({exc}); remove it") from exc
+        # PIL refuses sizes beyond its own limit inside Image.open, before we can read the size: its message has it.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.0f} Mpx" if found else "more pixels than PIL's decompression-bomb limit"
+        raise ResqueInputError(
+            f"data: image {path} declares {size}, more than the {max_pixels / 1e6:.0f} Mpx allowed (max_image_pixels; "
+            "a decompression bomb?); shrink it or remove it"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ResqueInputError(f"data: image {path} cannot be decoded ({exc}); remove or replace it") from exc
