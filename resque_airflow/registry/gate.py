@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -29,9 +28,9 @@ from resque_airflow.core.decision import DEFAULT_THRESHOLDS, Decision, Threshold
 from resque_airflow.core.null import DEFAULT_ALPHA
 from resque_airflow.core.policy import Prices, check_alpha
 from resque_airflow.core.summary import LABEL_SOURCES
-from resque_airflow.errors import RegistryError, ResqueInputError, check_choice
+from resque_airflow.errors import RegistryError, ResqueInputError, check_choice, redact
 from resque_airflow.registry import names
-from resque_airflow.registry.artifacts import FetchedModel, fetch_model
+from resque_airflow.registry.artifacts import FetchedModel, download_dir, fetch_model
 from resque_airflow.registry.client import (
     ModelRef,
     ensure_experiment,
@@ -50,6 +49,7 @@ from resque_airflow.registry.verdict import (
     threshold_verdict,
 )
 from resque_airflow.runtime import pipeline
+from resque_airflow.runtime.readers import check_data_exists
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,9 @@ def run_gate(
         gate.ref = ModelRef.parse(request.model_uri)
         gate.stage = "resolving the model version"
         gate.version = resolve_version(client, gate.ref)
-        with tempfile.TemporaryDirectory(prefix="resque-gate-") as tmp:
+        if request.shard_summaries is None:  # before the download: bad data fails in a second, not after it
+            check_data_exists(request.data)
+        with download_dir() as tmp:  # named by pid: a later gate removes what a killed one left
             gate.stage = "downloading the model"
             gate.fetched = fetch_model(client, gate.version, tmp, need_fingerprint=request.mode == "dist")
             gate.stage = "opening the gate run"
@@ -317,7 +319,7 @@ def _score_and_record(
             model_version=str(gate.version.version), model_alias=gate.ref.alias, gate_run_id=gate.run_id,
             thresholds=gate.thresholds.to_dict(), policy=verdict.policy, prediction=verdict.prediction,
             reason=verdict.reason,
-            data_uri=gate.request.data, branch=None if routes is None else list(routes[verdict.decision.value]),
+            data_uri=redact(gate.request.data), branch=None if routes is None else list(routes[verdict.decision.value]),
             seconds=time.perf_counter() - t0,
         )  # fmt: skip
         gate.stage = "writing the result"
@@ -335,7 +337,7 @@ def _log_params(gate: _Gate) -> None:
     request = gate.request
     params = {
         "model_name": gate.ref.name, "model_version": gate.version.version, "model_alias": gate.ref.alias or "",
-        "model_sha256": gate.fetched.sha256, "data_uri": request.data, "mode": request.mode,
+        "model_sha256": gate.fetched.sha256, "data_uri": redact(request.data), "mode": request.mode,
         "label_source": request.label_source, "reuse_threshold": gate.thresholds.reuse,
         "rebuild_threshold": gate.thresholds.rebuild,
     }  # fmt: skip
@@ -412,6 +414,9 @@ def _write_result(gate: _Gate, result: pipeline.ScoreResult, outcome: GateOutcom
         params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()],
     )  # fmt: skip
     registry_call("storing the gate result", client.log_dict, run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT)
+    from resque_airflow.registry.audit_loop import record_gate_extras  # dataset input, report, run name, view
+
+    record_gate_extras(client, gate.exp_id, run_id, outcome.to_dict(), gate.version)
     registry_call("marking the gate run decided", client.set_tag, run_id, names.STATUS_TAG, names.STATUS_DECIDED)
     registry_call("closing the gate run", client.set_terminated, run_id, "FINISHED", end_time=stamp)
     return stamp
