@@ -234,8 +234,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"auto": auto and auto.__dict__, "candidates": [r.__dict__ for r in rows]}))
         return 0
-    inputs = ", ".join(f"{i.name} {[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}"
-                       for i in model.graph.input)  # fmt: skip
+    dims = lambda i: [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in i.type.tensor_type.shape.dim]  # noqa: E731
+    inputs = ", ".join(f"{i.name} {dims(i)}" for i in model.graph.input)
     print(f"inputs: {inputs}")
     width = max((len(r.name) for r in rows), default=4)
     for r in rows:

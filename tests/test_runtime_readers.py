@@ -128,3 +128,32 @@ def test_prefetch_reraises_reader_errors():
     assert next(it) == 1
     with pytest.raises(ResqueInputError, match="shard 2"):
         next(it)
+
+
+def test_image_over_the_pixel_cap_is_refused_before_decoding(tmp_path):
+    """Under PIL's own limit (89 Mpx) but over ours: refused from the header, with the size and the limit."""
+    (tmp_path / "0").mkdir()
+    Image.new("L", (3000, 2000)).save(tmp_path / "0" / "big.png")
+    with pytest.raises(ResqueInputError, match=r"declares 6 Mpx \(3000 x 2000\), more than the 4 Mpx allowed"):
+        collect(
+            DataSource(str(tmp_path), image_size=(8, 8), image_spec=ImageSpec(mode="L"), max_image_pixels=4_000_000)
+        )
+    assert collect(DataSource(str(tmp_path), image_size=(8, 8), image_spec=ImageSpec(mode="L")))[0].shape == (
+        1,
+        1,
+        8,
+        8,
+    )
+
+
+def test_paddle_style_minus_one_dims_are_dynamic():
+    from resque_airflow.runtime.feed import model_inputs
+
+    class Arg:
+        name, type, shape = "x", "tensor(float)", [-1, 3, -1, -1]
+
+    class Sess:
+        def get_inputs(self):
+            return [Arg()]
+
+    assert model_inputs(Sess())[0].shape == (None, 3, None, None)

@@ -32,7 +32,9 @@ def model_inputs(session) -> list[TensorSpec]:
                 f"model: input {i.name!r} has type {i.type}, which cannot be read from data files; only numeric and "
                 "bool tensor inputs are supported"
             )
-        out.append(TensorSpec(i.name, ORT_TYPES[i.type], tuple(d if isinstance(d, int) else None for d in i.shape)))
+        # Dynamic axes come as names, None, or (from some converters, e.g. Paddle's) -1.
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in i.shape)
+        out.append(TensorSpec(i.name, ORT_TYPES[i.type], shape))
     return out
 
 

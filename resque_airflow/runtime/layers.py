@@ -76,7 +76,10 @@ def tensor_type(model: onnx.ModelProto, name: str) -> tuple[tuple[int | str | No
         if vi.name == name and vi.type.HasField("tensor_type"):
             t = vi.type.tensor_type
             shape = (
-                tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+                tuple(
+                    d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                    for d in t.shape.dim
+                )
                 if t.HasField("shape")
                 else None
             )
