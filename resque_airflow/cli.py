@@ -94,17 +94,7 @@ def print_result(result: dict, as_json: bool) -> None:
     if result.get("decision"):
         head += f"  ->  [bold]{result['decision']}[/bold]"
     console.print(head)
-    cal = result.get("calibration")
-    if cal:
-        det = cal["detection"]
-        console.print(
-            f"shift {'detected' if det['detected'] else 'not detected'} at false-alarm rate {det['alpha']:g}: null "
-            f"quantile {det['null_quantile']:.4f} at n={result['n_samples']}, p = {det['p_value']:.3g}"
-        )
-        for name in ("accuracy_measured", "accuracy_estimated"):
-            if cal.get(name):
-                a = cal[name]
-                console.print(f"{name.replace('_', ' ')}: {a['value']:.3f} ({a['low']:.3f}-{a['high']:.3f})")
+    _print_calibration(console, result)
     if result.get("reason"):
         console.print(f"why: {result['reason']}")
     console.print(
@@ -123,6 +113,22 @@ def print_result(result: dict, as_json: bool) -> None:
         for k, v in result["per_class"].items():
             table.add_row(str(k), f"{v:.4f}")
         console.print(table)
+
+
+def _print_calibration(console, result: dict) -> None:
+    """The calibrated view of a dist score: detection against the null at this batch size, accuracy."""
+    cal = result.get("calibration")
+    if not cal:
+        return
+    det = cal["detection"]
+    console.print(
+        f"shift {'detected' if det['detected'] else 'not detected'} at false-alarm rate {det['alpha']:g}: null "
+        f"quantile {det['null_quantile']:.4f} at n={result['n_samples']}, p = {det['p_value']:.3g}"
+    )
+    for name in ("accuracy_measured", "accuracy_estimated"):
+        if cal.get(name):
+            a = cal[name]
+            console.print(f"{name.replace('_', ' ')}: {a['value']:.3f} ({a['low']:.3f}-{a['high']:.3f})")
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
