@@ -20,6 +20,7 @@ demo: install
 
 test: install
 	-bash scripts/install-browser.sh
+	-bash scripts/install-fashion-mnist.sh
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
