@@ -7,13 +7,13 @@ what was asked for; 1 anything unexpected (with a traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from resque_airflow.errors import RegistryError, ResqueInputError
+from resque_airflow import jsonsafe
+from resque_airflow.errors import RegistryError, ResqueInputError, check_finite
 from resque_airflow.registry import names
 
 log = logging.getLogger("resque")
@@ -81,7 +81,7 @@ def model_options(args: argparse.Namespace) -> dict:
 def print_result(result: dict, as_json: bool) -> None:
     """One JSON object on stdout with ``--json``, else a readable summary."""
     if as_json:
-        print(json.dumps(result, default=float))
+        print(jsonsafe.dumps(result, default=float))
         return
     from rich.console import Console
     from rich.table import Table
@@ -142,7 +142,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     out = fp.save(args.out)
     meta = fp.metadata() | {"path": str(out), "input_spec": fp.input_spec.to_dict(with_tokenizer=False)}
     if args.json:
-        print(json.dumps(meta))
+        print(jsonsafe.dumps(meta))
     else:
         print(
             f"fingerprint written to {out}: {fp.n_samples} samples, {fp.num_classes} classes, layer {fp.layer!r} "
@@ -167,6 +167,8 @@ def cmd_score(args: argparse.Namespace) -> int:
                 args.model, args.data, layer=args.layer, provider=args.provider, batch_size=args.batch_size,
                 init=args.init, max_samples=args.max_samples, image_spec=image_spec_from(args), progress=progress,
             )  # fmt: skip
+    check_finite(f"RESQUE_{args.kind} score of {args.data}", result.score,
+                 "the data or the fingerprint holds values that are not numbers")  # fmt: skip
     print_result(result.to_dict(), args.json)
     return 0
 
@@ -189,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ResqueInputError(f"--input-shape: expected comma-separated integers, got {args.input_shape!r}") from exc
     report = export_torch(model, torch.randn(shape), args.out, layer=args.layer)
     print(
-        json.dumps(report.__dict__)
+        jsonsafe.dumps(report.__dict__)
         if args.json
         else f"exported to {report.path} (max |onnx - torch| = {report.max_abs_diff_logits:.2e})"
     )
@@ -206,7 +208,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
             weights_path=args.weights, progress=progress, **model_options(args),
         )  # fmt: skip
     info = published.to_dict()
-    print(json.dumps(info) if args.json else f"registered {info['name']} version {info['version']} as @{info['alias']}")
+    done = f"registered {info['name']} version {info['version']} as @{info['alias']}"
+    print(jsonsafe.dumps(info) if args.json else done)
     return 0
 
 
@@ -238,7 +241,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     except ResqueInputError as exc:
         auto, auto_line = None, f"layer=auto: none ({_one_line(exc)})"
     if args.json:
-        print(json.dumps({"auto": auto and auto.__dict__, "candidates": [r.__dict__ for r in rows]}))
+        print(jsonsafe.dumps({"auto": auto and auto.__dict__, "candidates": [r.__dict__ for r in rows]}))
         return 0
     dims = lambda i: [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in i.type.tensor_type.shape.dim]  # noqa: E731
     inputs = ", ".join(f"{i.name} {dims(i)}" for i in model.graph.input)

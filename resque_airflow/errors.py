@@ -156,3 +156,23 @@ def install_log_redaction() -> None:
     current = logging.getLogRecordFactory()
     if not isinstance(current, _RedactingRecordFactory):
         logging.setLogRecordFactory(_RedactingRecordFactory(current))
+
+
+def check_finite(name: str, value: object, fix: str) -> float:
+    """``value`` as a float; :class:`ResqueInputError` naming ``name``, the value and ``fix`` when it is not a finite
+    number (NaN or infinite). A NaN score compares false with every threshold: decided on, it would be "retrain".
+
+    >>> check_finite("score", 0.25, "check the data")
+    0.25
+    >>> check_finite("score", float("nan"), "check the data")
+    Traceback (most recent call last):
+    ...
+    resque_airflow.errors.ResqueInputError: score: expected a finite number, got nan; check the data
+    """
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ResqueInputError(f"{name}: expected a finite number, got {value!r}; {fix}")
+    return number

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resque_airflow import jsonsafe
 from resque_airflow.core.atc import atc_threshold
 from resque_airflow.core.summary import FeatureSummary
 from resque_airflow.errors import FingerprintError, ResqueInputError
@@ -317,7 +318,7 @@ class Fingerprint:
         np.savez(buf, **self.summary.to_arrays())
         npz = buf.getvalue()
         meta = self.metadata() | {"npz_sha256": sha256_bytes(npz)}
-        for name, payload in ((NPZ_NAME, npz), (JSON_NAME, json.dumps(meta, indent=2).encode())):
+        for name, payload in ((NPZ_NAME, npz), (JSON_NAME, jsonsafe.dumps(meta, indent=2).encode())):
             tmp = out / f".{name}.tmp"
             tmp.write_bytes(payload)
             os.replace(tmp, out / name)

@@ -68,6 +68,14 @@ def check_inside(root: Path) -> None:
                 raise RegistryError(f"MLflow: downloaded artifact {p} points outside the download folder; refusing it")
 
 
+def _refused_file(exc: BaseException) -> str:
+    """The file MLflow names in its "##### File X #####" download failure report, or "a file" when none."""
+    import re
+
+    m = re.search(r"#####\s*File\s+(\S+)\s*#####", str(exc))
+    return m[1] if m else "a file"
+
+
 @dataclass
 class FetchedModel:
     """A downloaded model version: local ONNX path, its sha256, and its fingerprint (None if it has none)."""
@@ -112,6 +120,11 @@ def fetch_model(client, version, dst: str | os.PathLike, *, need_fingerprint: bo
         if "No such artifact" in str(exc) or getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             raise ModelError(f"model: the artifacts of {uri} are missing from the artifact store ({detail}); "
                              "publish the model again (resque publish)") from exc  # fmt: skip
+        if "outside the artifact directory" in str(exc):  # a link planted in the store, refused by MLflow
+            raise RegistryError(
+                f"MLflow: the artifact store holds a link in {uri} that points outside it ({_refused_file(exc)}); "
+                "refusing it: replace the link with the file itself, or publish the model again (resque publish)"
+            ) from exc
         raise RegistryError(f"MLflow: downloading {uri} failed: {detail}") from exc
     check_inside(dst)
     model_path = local / MODEL_FILE

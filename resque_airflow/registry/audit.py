@@ -266,6 +266,18 @@ def _per_class(angles: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"class": k, "angle": _float(v)} for k, v in sorted(angles.items(), key=lambda kv: int(kv[0]))]
 
 
+def _status(tag: str | None, run_status: str | None) -> str | None:
+    """The gate run's status as shown: ``interrupted`` for a run marked decided that never closed FINISHED (a gate
+    killed between deciding and closing its run: no model-version tag names it), else the ``resque.status`` tag.
+
+    >>> _status("decided", "RUNNING"), _status("decided", "FINISHED"), _status("scoring", "RUNNING")
+    ('interrupted', 'decided', 'scoring')
+    """
+    if tag == names.STATUS_DECIDED and run_status not in (None, "FINISHED"):
+        return "interrupted"
+    return tag
+
+
 def _record(run: Run, ui_base: str | None) -> GateRecord:
     """Build a :class:`GateRecord` from a gate run (measured costs and per-class angles are added later)."""
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
@@ -299,7 +311,7 @@ def _record(run: Run, ui_base: str | None) -> GateRecord:
         provider=params.get("provider"),
         n_samples=_int(params.get("n_samples")),
         n_classes=_int(params.get("n_classes")),
-        status=tags.get(names.STATUS_TAG),
+        status=_status(tags.get(names.STATUS_TAG), run.info.status),
         run_status=run.info.status,
         data_uri=params.get("data_uri"),
         error=tags.get(names.ERROR_TAG),

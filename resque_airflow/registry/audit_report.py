@@ -19,6 +19,7 @@ from typing import Any
 from resque_airflow.errors import RegistryError, ResqueInputError, first_line, redact, split_userinfo
 from resque_airflow.registry.audit import GateRecord, gate_history
 from resque_airflow.registry.client import make_client
+from resque_airflow.registry.tags import last_gate_lines
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,10 @@ def audit_main(model: str, tracking_uri: str, as_json: bool, registry_uri: str |
         print(redact(f"resque audit: {problem}"), file=sys.stderr)
         return 3
     try:
-        records = gate_history(make_client(tracking_uri, registry_uri), model)
+        client = make_client(tracking_uri, registry_uri)
+        records = gate_history(client, model)
+        # Each version's newest gate as its authoritative tag says (stale resque.last_* tags flagged): text only.
+        footer = [] if as_json else last_gate_lines(client, model)
     except Exception as exc:
         # first_line of the text, not of the exception: an empty message stays empty rather than repeating the type.
         message = f"resque audit: cannot read {tracking_uri}: {type(exc).__name__}: {first_line(str(exc), 500)}"
@@ -155,4 +159,6 @@ def audit_main(model: str, tracking_uri: str, as_json: bool, registry_uri: str |
         print(redact(f"resque audit: model {model!r} has no gate runs at {tracking_uri}"), file=sys.stderr)
         return 3
     print(redact(to_json(records) if as_json else format_table(records)), end="" if not as_json else "\n")
+    for line in footer:
+        print(redact(line))
     return 0

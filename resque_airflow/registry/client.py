@@ -259,9 +259,28 @@ def registry_call(what: str, fn, *args, **kwargs):
     except MlflowException as exc:
         if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise RegistryError(f"MLflow: {what} failed: {first_line(exc)}") from exc
+        raise RegistryError(f"MLflow: {what} failed: {first_line(exc)}{_fix_for(exc)}") from exc
     except (OSError, ConnectionError) as exc:
-        raise RegistryError(f"MLflow: {what} failed (registry unreachable?): {first_line(exc)}") from exc
+        raise RegistryError(f"MLflow: {what} failed (registry unreachable?): {first_line(exc)}{_fix_for(exc)}") from exc
+
+
+# Causes a database reports through MLflow that the user can fix, and the fix (appended to the one-line error).
+_DB_FIXES = (
+    (("readonly database", "read-only database", "read-only transaction"),
+     "the MLflow database is read-only for this process: give the gate's user write access to the database file and "
+     "its folder (SQLite writes a journal beside it), or point --tracking-uri at a writable registry"),
+    (("unable to open database file",),
+     "SQLite cannot open the database or create its journal: check that the folder exists and is writable"),
+)  # fmt: skip
+
+
+def _fix_for(exc: BaseException) -> str:
+    """``"; <fix>"`` when ``exc`` names a cause in :data:`_DB_FIXES`, else ``""``."""
+    text = str(exc).lower()
+    for markers, fix in _DB_FIXES:
+        if any(m in text for m in markers):
+            return f"; {fix}"
+    return ""
 
 
 def resolve_version(client, ref: ModelRef):

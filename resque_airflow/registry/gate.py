@@ -28,7 +28,8 @@ from resque_airflow.core.decision import DEFAULT_THRESHOLDS, Decision, Threshold
 from resque_airflow.core.null import DEFAULT_ALPHA
 from resque_airflow.core.policy import Prices, check_alpha
 from resque_airflow.core.summary import LABEL_SOURCES
-from resque_airflow.errors import RegistryError, ResqueInputError, check_choice, redact
+from resque_airflow.errors import RegistryError, ResqueInputError, check_choice, check_finite, redact
+from resque_airflow.jsonsafe import finite
 from resque_airflow.registry import names
 from resque_airflow.registry.artifacts import FetchedModel, download_dir, fetch_model
 from resque_airflow.registry.client import (
@@ -179,7 +180,8 @@ class GateOutcome:
         return cls(**(shared | gate))
 
     def to_dict(self, *, per_class: bool = True) -> dict:
-        out = asdict(self)
+        """Strict JSON: a value that is not a finite number (an undefined signal, an open interval) is None."""
+        out = finite(asdict(self))
         if not per_class:
             out.pop("per_class")
         return out
@@ -313,6 +315,8 @@ def _score_and_record(
         gate.stage = "scoring"
         result = _score(gate, progress)
         gate.stage = "deciding"
+        check_finite(f"RESQUE_{gate.request.mode} score of {redact(gate.request.data)}", result.score,
+                     "the data or fingerprint holds values that are not numbers; nothing is tagged")  # fmt: skip
         verdict = _decide(gate, result, routes)
         outcome = GateOutcome.from_result(
             result, decision=verdict.decision.value, mode=gate.request.mode, model_name=gate.ref.name,

@@ -68,6 +68,7 @@ def render_report(outcome: dict) -> str:
     pred = outcome.get("prediction") or {}
     title = f"{outcome.get('model_name')} v{outcome.get('model_version')}: {outcome.get('decision')}"
     interval = outcome.get("interval")
+    interval = None if not interval or None in interval else interval  # an end that is not a number is unknown
     sections = [
         f"<h1>RESQUE gate: {html.escape(title)}</h1>",
         f'<p class="decision">{html.escape(str(outcome.get("decision")))}</p>',

@@ -66,7 +66,8 @@ def _derived(payload: dict) -> dict[str, str]:
     # The score as a Python float: the same result read back from a run's metric must give the same text.
     payload = {k: payload[k] for k in _PAYLOAD_KEYS} | {"score": float(payload["score"])}
     out = {tag: str(payload[key]) for tag, key in names.MV_TAG_FIELDS}
-    out[names.LAST_GATE_TAG] = json.dumps(payload)  # last: dicts keep insertion order, and this one is authoritative
+    # Last: dicts keep insertion order, and this one is authoritative. Strict JSON (the score is checked finite).
+    out[names.LAST_GATE_TAG] = json.dumps(payload, allow_nan=False)
     return out
 
 
@@ -157,3 +158,43 @@ def tag_model_version(client, name: str, version: str, payload: dict, exp_id: st
         name, version, _TAG_ROUNDS,
     )  # fmt: skip
     return False
+
+
+def last_gate(tags: dict) -> tuple[dict | None, list[str]]:
+    """What a model version's tags say about its newest gate, for readers: ``(resque.last_gate as a dict, the
+    resque.last_* tags that disagree with it)``.
+
+    The JSON tag is the record: a gate killed while tagging leaves some ``resque.last_*`` tags of its own beside a
+    JSON tag that still names the gate before it (it is written last), until the next gate repairs them. A reader
+    takes the JSON tag and treats the disagreeing tags as stale. ``(None, [])`` when the version has no valid JSON tag.
+    """
+    payload = _tag_payload(tags)
+    if payload is None:
+        return None, []
+    try:
+        wanted = _derived(payload)
+    except (TypeError, ValueError):  # a score that is not a finite number: the JSON tag itself is damaged
+        return None, []
+    stale = [tag for tag, _ in names.MV_TAG_FIELDS if tag in tags and tags[tag] != wanted[tag]]
+    return payload, stale
+
+
+def last_gate_lines(client, model: str) -> list[str]:
+    """One line per version of ``model`` naming its newest gate from ``resque.last_gate`` (``resque audit``), with a
+    warning when the ``resque.last_*`` tags disagree with it. Empty when the registry cannot be searched."""
+    literal = search_literal(model)
+    if literal is None:
+        return []
+    lines = []
+    versions = client.search_model_versions(f"name = {literal}")
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        payload, stale = last_gate(dict(mv.tags))
+        if payload is None:
+            continue
+        line = (f"version {mv.version}: last gate {payload['run_id']} ({payload['decision']}, score "
+                f"{float(payload['score']):.4g}, {payload['time']}), from {names.LAST_GATE_TAG}")  # fmt: skip
+        if stale:
+            line += (f"; the tags {', '.join(stale)} disagree with it (a gate was stopped while tagging): trust "
+                     f"{names.LAST_GATE_TAG}, the next gate repairs them")  # fmt: skip
+        lines.append(line)
+    return lines
