@@ -9,10 +9,15 @@ under the names of :mod:`resque_airflow.registry.names` (DESIGN.md section 5):
   signals and ``predicted_<cost>`` metrics, the per-class angles in the metrics ``angle_class_<k>`` and, with the full
   result, in the artifact ``resque/gate_result.json`` (``per_class``: ``{class id: angle}``);
 - retrain / rebuild runs, in any experiment, carry the tag ``resque.gate_run_id`` naming the gate run that
-  triggered them, and their measured cost in the metrics ``names.COST_METRICS``.
+  triggered them, and their measured cost in the metrics ``names.COST_METRICS``; the audit loop writes that cost
+  back onto the gate run as ``measured_<cost>`` (preferred when present);
+- calibrated gate runs add the score's interval, the null quantile, the p-value, the accuracy (measured / ATC) and
+  the reason sentence (tag ``resque.reason``); the artifact adds ``alpha`` and the forecast's basis.
 
-Public functions: :func:`gate_history`, :func:`gate_detail`, :func:`models_with_gates`, :func:`load_gate_result`,
-:func:`run_url` and :func:`resolve_ui_base`. The text forms (table, JSON, ``resque audit``) are in
+Public functions: :func:`gate_history`, :func:`gate_detail`, :func:`gate_runs_for` (an Airflow DAG run's or task
+instance's gate runs), :func:`models_with_gates`, :func:`load_gate_result`, :func:`run_url` and
+:func:`resolve_ui_base`; the fields of one run are parsed by :mod:`resque_airflow.registry.audit_fields`. The text
+forms (table, JSON, ``resque audit``) are in
 :mod:`resque_airflow.registry.audit_report`.
 """
 
@@ -20,17 +25,26 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from resque_airflow.registry import names
-from resque_airflow.registry.client import iso_time, search_literal
+from resque_airflow.registry.audit_fields import (
+    MeasuredCost,
+    as_float,
+    as_int,
+    calibrated_from_result,
+    calibrated_from_run,
+    measured_cost,
+    per_class,
+    run_url,
+    start_time,
+)
+from resque_airflow.registry.client import search_literal
 
 if TYPE_CHECKING:
     import mlflow
@@ -45,21 +59,6 @@ MLFLOW_UI_URL_ENV = "RESQUE_MLFLOW_UI_URL"
 _PAGE = 1000  # MLflow's maximum page size for search_runs
 _AIRFLOW_KEYS = ("dag_id", "run_id", "task_id", "try_number")  # gate run params airflow_<key>
 _MAX_EXPERIMENTS = 10_000
-
-
-@dataclass
-class MeasuredCost:
-    """A retrain or rebuild run triggered by a gate run, with its measured cost (DESIGN.md 2.4)."""
-
-    run_id: str
-    experiment_id: str
-    kind: str | None
-    start_time: str | None
-    run_status: str | None
-    metrics: dict[str, float | None]
-    censored: bool | None = None
-    final_accuracy: float | None = None
-    mlflow_url: str | None = None
 
 
 @dataclass
@@ -99,6 +98,21 @@ class GateRecord:
     classes_missing: list[str] | None = None
     error: str | None = None
     detail_error: str | None = None
+    # The calibrated decision (issue 11): see audit_fields.calibrated_from_run / calibrated_from_result.
+    interval: list[float] | None = None  # the score's 90% interval
+    null_quantile: float | None = None  # the null's 1 - alpha quantile at this batch size
+    p_value: float | None = None
+    shift_detected: bool | None = None
+    alpha: float | None = None  # from the result artifact only (gate_detail)
+    accuracy_measured: dict[str, float | None] | None = None  # value, low, high
+    accuracy_estimated: dict[str, float | None] | None = None  # ATC
+    reason: str | None = None
+    prediction: dict[str, Any] | None = None  # cost_metric, predicted, low, high, rebuild_cost[, basis, n_history]
+    measured_back: dict[str, float] = field(default_factory=dict)  # measured_<cost> written back onto the run
+    challenger_run_id: str | None = None
+    challenger_outcome: str | None = None
+    gate_key: str | None = None
+    angles: dict[str, float] = field(default_factory=dict)  # angle_class_<k> metrics (history and detail)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (non-finite numbers are already ``None``)."""
@@ -115,13 +129,16 @@ class GateRecord:
     def cost_comparison(self) -> list[dict[str, Any]]:
         """Predicted against measured cost, one row per cost metric present on either side (order of COST_METRICS).
 
-        Each row: ``metric``, ``predicted``, ``low``, ``high``, ``measured`` (from the latest triggered run).
+        Each row: ``metric``, ``predicted``, ``low``, ``high``, ``measured``: the cost the retrain wrote back onto
+        this gate run (``measured_<cost>``), else the latest triggered run's.
         """
         measured = self.latest_measured()
         rows = []
         for metric in names.COST_METRICS:
             pred = self.predicted_cost.get(metric, {})
-            got = measured.metrics.get(metric) if measured else None
+            got = self.measured_back.get(metric)
+            if got is None and measured is not None:
+                got = measured.metrics.get(metric)
             if pred.get("value") is None and got is None:
                 continue
             row = {"metric": metric, "predicted": pred.get("value"), "low": pred.get("low"), "high": pred.get("high")}
@@ -131,45 +148,6 @@ class GateRecord:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _float(value: Any) -> float | None:
-    """``value`` as a finite float, or ``None`` (missing, not a number, NaN or infinite)."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
-def _int(value: Any) -> int | None:
-    f = _float(value)
-    return int(f) if f is not None else None
-
-
-def _start_time(ms: int | None) -> str | None:
-    """A run's start time as ISO 8601 UTC to the second: the precision ``resque audit --json`` has always shown.
-
-    >>> _start_time(1767225600123)
-    '2026-01-01T00:00:00+00:00'
-    """
-    iso = iso_time(ms)
-    return None if iso is None else datetime.fromisoformat(iso).isoformat(timespec="seconds")
-
-
-def run_url(mlflow_ui_base: str | None, experiment_id: str, run_id: str) -> str | None:
-    """Link to a run in the MLflow UI: ``<base>/#/experiments/<exp_id>/runs/<run_id>``, or ``None`` without a base.
-
-    >>> run_url("http://localhost:5000/", "1", "abc")
-    'http://localhost:5000/#/experiments/1/runs/abc'
-    >>> run_url(None, "1", "abc") is None
-    True
-    """
-    if not mlflow_ui_base:
-        return None
-    exp = urllib.parse.quote(str(experiment_id), safe="")
-    run = urllib.parse.quote(str(run_id), safe="")
-    return f"{mlflow_ui_base.rstrip('/')}/#/experiments/{exp}/runs/{run}"
 
 
 def resolve_ui_base(mlflow_ui_base: str | None, tracking_uri: str | None) -> str | None:
@@ -257,15 +235,6 @@ def _model_of(run: Run) -> str | None:
     return run.data.tags.get(names.MODEL_NAME_TAG)
 
 
-def _per_class(angles: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-class angles ``{class id: angle}`` as ``[{"class": str, "angle": float | None}]``, in class order.
-
-    >>> _per_class({"10": 0.5, "2": 0.25})
-    [{'class': '2', 'angle': 0.25}, {'class': '10', 'angle': 0.5}]
-    """
-    return [{"class": k, "angle": _float(v)} for k, v in sorted(angles.items(), key=lambda kv: int(kv[0]))]
-
-
 def _status(tag: str | None, run_status: str | None) -> str | None:
     """The gate run's status as shown: ``interrupted`` for a run marked decided that never closed FINISHED (a gate
     killed between deciding and closing its run: no model-version tag names it), else the ``resque.status`` tag.
@@ -284,9 +253,9 @@ def _record(run: Run, ui_base: str | None) -> GateRecord:
     predicted: dict[str, dict[str, float | None]] = {}
     for cost in names.COST_METRICS:
         key = f"predicted_{cost}"
-        value = _float(metrics.get(key))
-        low = _float(metrics.get(f"{key}_low"))
-        high = _float(metrics.get(f"{key}_high"))
+        value = as_float(metrics.get(key))
+        low = as_float(metrics.get(f"{key}_low"))
+        high = as_float(metrics.get(f"{key}_high"))
         if value is not None or low is not None or high is not None:
             predicted[cost] = {"value": value, "low": low, "high": high}
     # The gate writes all four Airflow params (Origin.params(): no optional field), or none without an origin.
@@ -294,47 +263,32 @@ def _record(run: Run, ui_base: str | None) -> GateRecord:
     return GateRecord(
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
-        start_time=_start_time(run.info.start_time),
+        start_time=start_time(run.info.start_time),
         model_name=_model_of(run),
         model_version=tags.get(names.MODEL_VERSION_TAG),
         model_alias=params.get("model_alias"),
-        score=_float(metrics.get(names.SCORE_METRIC)),
+        score=as_float(metrics.get(names.SCORE_METRIC)),
         mode=params.get("mode"),
         label_source=params.get("label_source"),
         decision=tags.get(names.DECISION_TAG),
         branch=_branch(tags.get(names.BRANCH_TAG)),
         thresholds={
-            "reuse": _float(params.get("reuse_threshold")),
-            "rebuild": _float(params.get("rebuild_threshold")),
+            "reuse": as_float(params.get("reuse_threshold")),
+            "rebuild": as_float(params.get("rebuild_threshold")),
         },
         policy=params.get("policy"),
         provider=params.get("provider"),
-        n_samples=_int(params.get("n_samples")),
-        n_classes=_int(params.get("n_classes")),
+        n_samples=as_int(params.get("n_samples")),
+        n_classes=as_int(params.get("n_classes")),
         status=_status(tags.get(names.STATUS_TAG), run.info.status),
         run_status=run.info.status,
         data_uri=params.get("data_uri"),
         error=tags.get(names.ERROR_TAG),
-        signals={m: _float(metrics[m]) for m in names.SIGNAL_METRICS if m in metrics},
+        signals={m: as_float(metrics[m]) for m in names.SIGNAL_METRICS if m in metrics},
         predicted_cost=predicted,
         airflow=airflow,
         mlflow_url=run_url(ui_base, run.info.experiment_id, run.info.run_id),
-    )
-
-
-def _measured(run: Run, ui_base: str | None) -> MeasuredCost:
-    metrics, tags = run.data.metrics, run.data.tags
-    censored = _float(metrics.get(names.CENSORED_METRIC))
-    return MeasuredCost(
-        run_id=run.info.run_id,
-        experiment_id=run.info.experiment_id,
-        kind=tags.get(names.KIND_TAG),
-        start_time=_start_time(run.info.start_time),
-        run_status=run.info.status,
-        metrics={m: _float(metrics[m]) for m in names.COST_METRICS if m in metrics},
-        censored=None if censored is None else censored >= 0.5,
-        final_accuracy=_float(metrics.get(names.FINAL_ACCURACY_METRIC)),
-        mlflow_url=run_url(ui_base, run.info.experiment_id, run.info.run_id),
+        **calibrated_from_run(metrics, tags),
     )
 
 
@@ -353,7 +307,7 @@ def _triggered_runs(
     for run in _search(client, _all_experiment_ids(client), flt, max_runs):
         gate_id = run.data.tags.get(names.GATE_RUN_TAG)
         if gate_id in wanted:
-            out.setdefault(gate_id, []).append(_measured(run, ui_base))
+            out.setdefault(gate_id, []).append(measured_cost(run, ui_base))
     for runs in out.values():
         runs.sort(key=lambda m: m.start_time or "")
     return out
@@ -444,17 +398,50 @@ def gate_detail(client: mlflow.MlflowClient, run_id: str, *, mlflow_ui_base: str
     try:
         result = load_gate_result(client, run_id)
     except Exception as exc:  # missing or unreadable artifact: the run is still worth showing
-        prefix = names.ANGLE_METRIC_PREFIX
-        angles = {k.removeprefix(prefix): v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        angles = record.angles
         if angles:  # the gate logs the same angles as metrics
             log.info("resque audit: %s of run %s unreadable (%s); angles from metrics", names.GATE_RESULT_ARTIFACT,
                      run_id, exc)  # fmt: skip
-            record.per_class = _per_class(angles)
+            record.per_class = per_class(angles)
             return record
         log.warning("resque audit: cannot read %s of run %s: %s", names.GATE_RESULT_ARTIFACT, run_id, exc)
         record.detail_error = f"{names.GATE_RESULT_ARTIFACT} not available ({type(exc).__name__})"
         return record
-    record.per_class = _per_class(result.get("per_class") or {})
+    record.per_class = per_class(result.get("per_class") or {})
+    for key, value in calibrated_from_result(result).items():  # the artifact is complete: it wins
+        setattr(record, key, value)
     if "classes_missing" in result:  # not in GateOutcome today; shown when a result carries it
         record.classes_missing = [str(c) for c in result["classes_missing"]]
     return record
+
+
+def gate_runs_for(
+    client: mlflow.MlflowClient,
+    dag_id: str,
+    run_id: str | None = None,
+    task_id: str | None = None,
+    map_index: int | None = None,
+    *,
+    experiment_names: Sequence[str] | None = (names.DEFAULT_EXPERIMENT,),
+    max_runs: int = 200,
+    mlflow_ui_base: str | None = None,
+) -> list[GateRecord]:
+    """The gate runs an Airflow DAG, DAG run or task instance recorded (params ``airflow_*``), oldest first.
+
+    ``map_index`` narrows to one mapped task instance through the gate key tag (``dag/run/task/map_index``);
+    an earlier try's run is deleted by the retry, so each task instance has one. No measured costs are loaded.
+    """
+    clauses = [_IS_GATE]
+    for key, value in (("dag_id", dag_id), ("run_id", run_id), ("task_id", task_id)):
+        if value is None:
+            continue
+        literal = search_literal(value)
+        if literal is None:
+            raise LookupError(f"{key} {value!r} cannot be searched for (it holds both kinds of quote)")
+        clauses.append(f"params.airflow_{key} = {literal}")
+    found = _search(client, _gate_experiment_ids(client, experiment_names), " and ".join(clauses), max_runs)
+    ui_base = resolve_ui_base(mlflow_ui_base, client.tracking_uri)
+    records = [_record(run, ui_base) for run in sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))]
+    if map_index is not None:
+        records = [r for r in records if (r.gate_key or "").rsplit("/", 1)[-1] == str(map_index)]
+    return records

@@ -3,9 +3,15 @@
 Pages (server-rendered HTML, no JavaScript, charts as inline SVG):
 
 - ``/``: the models that have gate runs;
-- ``/models/{name}``: the score over time with the reuse / rebuild thresholds, one point per gate run coloured by
-  decision, and a table of the runs; ``?run=<run_id>`` adds that run's details (per-class angles as bars,
-  companion signals, predicted against measured retraining cost).
+- ``/models/{name}``: the score over time (each run's 90% interval and the null's quantile at its batch size, the
+  thresholds of runs that decided with them), one point per gate run coloured by decision; predicted against
+  measured retraining cost over the model's runs; the per-class angles of recent runs as a heat map; and a table of
+  the runs. ``?run=<run_id>`` adds that run's details: the calibrated decision (score and interval, null quantile,
+  p-value, "shift detected / not detected at alpha", measured and estimated accuracy, the reason sentence, the cost
+  forecast with its basis), which classes moved (bars and a table against the previous run), companion signals,
+  predicted against measured cost;
+- ``/airflow?dag_id=&run_id=[&task_id=&map_index=]``: the gate run(s) of an Airflow DAG run or task instance (the
+  plugin's DAG-run and task-instance tabs open it): one run redirects to its details, several are listed.
 
 JSON: ``/api/models``, ``/api/models/{name}/runs``, ``/api/runs/{run_id}``.
 
@@ -24,13 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from resque_airflow.errors import first_line
-from resque_airflow.registry import audit, names
+from resque_airflow.registry import audit, audit_costs, names
 from resque_airflow.registry.audit_report import cost_cell
 from resque_airflow.ui.charts import class_chart, colour, score_chart
+from resque_airflow.ui.charts_costs import class_heatmap, cost_chart
 
 if TYPE_CHECKING:
     import jinja2
@@ -112,6 +119,17 @@ class _Reader:
             name,
             experiment_names=self.experiment_names,
             max_runs=self.max_runs,
+            mlflow_ui_base=self.mlflow_ui_base,
+        )
+
+    def for_airflow(self, dag_id: str, run_id: str | None, task_id: str | None, map_index: int | None):
+        return self._read(
+            audit.gate_runs_for,
+            dag_id,
+            run_id,
+            task_id,
+            map_index,
+            experiment_names=self.experiment_names,
             mlflow_ui_base=self.mlflow_ui_base,
         )
 
@@ -248,16 +266,53 @@ def _add_pages(app: FastAPI, reader: _Reader, render: Render, experiment_names: 
             if run not in {r.run_id for r in records}:
                 raise HTTPException(status_code=404, detail=f"run {run!r} is not a gate run of model {name!r}")
             selected = reader.detail(run)
+        chosen = selected.run_id if selected else None
+        pairs = audit_costs.cost_pairs(records)
         return render(
             request,
             "model.html",
             name=name,
             records=list(reversed(records)),  # newest first in the table
-            chart=score_chart(records, selected.run_id if selected else None),
+            chart=score_chart(records, chosen),
             selected=selected,
             bars=class_chart(selected) if selected else None,
+            moves=audit_costs.class_moves(records, selected) if selected else None,
+            pairs=pairs,
+            cost_plot=cost_chart(pairs, chosen),
+            heat=class_heatmap(records, chosen),
             cost_metrics=names.COST_METRICS,
         )
+
+    @app.get("/airflow", response_model=None, summary="Gate runs of an Airflow DAG run or task instance")
+    def airflow_scope(
+        request: Request,
+        dag_id: str,
+        run_id: str | None = None,
+        task_id: str | None = None,
+        map_index: str | None = None,
+    ) -> HTMLResponse | RedirectResponse:
+        # Airflow leaves a placeholder it cannot fill as written ({TASK_ID} on a DAG-run tab, {MAP_INDEX} on an
+        # unmapped task instance): those narrow nothing.
+        def given(value: str | None) -> str | None:
+            return None if not value or (value.startswith("{") and value.endswith("}")) else value
+
+        index = given(map_index)
+        scope = {"dag_id": dag_id, "run_id": given(run_id), "task_id": given(task_id)}
+        scope["map_index"] = int(index) if index and index.lstrip("-").isdigit() else None
+        try:
+            records = reader.for_airflow(**scope)
+        except LookupError as exc:
+            return render(request, "error.html", status_code=404, message=str(exc))
+        shown = {k: v for k, v in scope.items() if v is not None}
+        if len(records) == 1 and records[0].model_name:
+            r = records[0]
+            base = str(request.scope.get("root_path", "")).rstrip("/")
+            url = f"{base}/models/{urllib.parse.quote(r.model_name, safe='')}?run={urllib.parse.quote(r.run_id)}#detail"
+            return RedirectResponse(url, status_code=303)
+        what = ", ".join(f"{k} {v}" for k, v in shown.items())
+        if not records:
+            return render(request, "error.html", status_code=404, message=f"No RESQUE gate run recorded for {what}.")
+        return render(request, "scope.html", scope=what, records=list(reversed(records)))
 
 
 def _add_api(app: FastAPI, reader: _Reader) -> None:
