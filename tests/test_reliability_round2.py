@@ -49,7 +49,7 @@ def test_external_weights_load_from_the_models_folder_and_are_hashed(cnn_onnx, t
     import onnx
 
     from resque_airflow.core.fingerprint import sha256_file
-    from resque_airflow.runtime.pipeline import read_model
+    from resque_airflow.runtime.model_file import read_model
 
     proto = onnx.load(str(cnn_onnx[1]))
     a, b = tmp_path / "a", tmp_path / "b"

@@ -11,7 +11,7 @@ from pathlib import Path
 from resque_airflow.core.fingerprint import Fingerprint
 from resque_airflow.errors import FingerprintError, ModelError, RegistryError
 from resque_airflow.registry.client import ModelRef, registry_call
-from resque_airflow.runtime.pipeline import read_model
+from resque_airflow.runtime.model_file import read_model
 
 log = logging.getLogger(__name__)
 
