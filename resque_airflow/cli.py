@@ -7,6 +7,7 @@ what was asked for; 1 anything unexpected (with a traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -198,6 +199,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_cost_from(text: str | None) -> dict[str, float] | None:
+    """``--training-cost``: ``key=value,...`` or the path of a JSON object; keys are ``names.COST_METRICS``."""
+    if text is None:
+        return None
+    from pathlib import Path
+
+    if "=" not in text:
+        try:
+            given = json.loads(Path(text).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ResqueInputError(f"--training-cost: cannot read {text!r} as a JSON object ({exc}); give "
+                                   "steps_to_target=...,energy_kwh=... or a JSON file") from exc  # fmt: skip
+        if not isinstance(given, dict):
+            raise ResqueInputError(f"--training-cost: {text} holds no JSON object; give one, or key=value pairs")
+    else:
+        given = dict(part.partition("=")[::2] for part in text.split(",") if part.strip())
+    cost = {}
+    for key, value in given.items():
+        key = str(key).strip()
+        if key not in names.COST_METRICS:
+            raise ResqueInputError(f"--training-cost: unknown cost {key!r}; expected some of {names.COST_METRICS}")
+        cost[key] = check_finite(f"--training-cost {key}", value, "give a number, e.g. steps_to_target=1200")
+    return cost
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from resque_airflow.registry.publish import publish_model
 
@@ -205,7 +231,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         published = publish_model(
             tracking_uri=args.tracking_uri, name=args.name, model_path=args.model, reference=args.reference,
             alias=args.alias, layer=args.layer, provider=args.provider, batch_size=args.batch_size,
-            weights_path=args.weights, progress=progress, **model_options(args),
+            weights_path=args.weights, progress=progress, torch_factory=args.torch_factory,
+            training_cost=training_cost_from(args.training_cost), **model_options(args),
         )  # fmt: skip
     info = published.to_dict()
     done = f"registered {info['name']} version {info['version']} as @{info['alias']}"
@@ -316,8 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", required=True)
     d.add_argument("--labels", default="given", choices=["given", "predicted", "none"])
     d.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate of the calibrated shift test")
-    common(d, layer=False)
-    images(d)
+    common(d, layer=False)  # no --image-* flags: the fingerprint holds the preprocessing its reference went through
     d.set_defaults(func=cmd_score)
     t = ssub.add_parser("task", help="RESQUE_task of a labelled new task")
     t.add_argument("--model", required=True)
@@ -344,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--alias", default="champion")
     pub.add_argument("--tracking-uri", required=True)
     pub.add_argument("--weights", help="torch state dict to store beside the model, for retraining")
+    pub.add_argument("--torch-factory", default=None,
+                     help="module:callable returning the torch model, so retrain tasks can rebuild it")  # fmt: skip
+    pub.add_argument("--training-cost", default=None,
+                     help="measured training cost: steps_to_target=...,energy_kwh=... or a JSON file")  # fmt: skip
     common(pub)
     images(pub)
     reading(pub)
