@@ -187,3 +187,34 @@ def test_link_planted_in_the_artifact_store_is_one_line(env, capsys):
         planted.write_bytes(keep)
     assert rc == 3 and len(err.splitlines()) == 1, err
     assert "holds a link" in err and "model/model.onnx" in err and "publish the model again" in err, err
+
+
+# 7. Operations: a model published from the command line can be retrained --------------------------------------
+def test_publish_records_the_torch_factory_and_training_cost(cnn_onnx, tmp_path, capsys):
+    import numpy as np
+    import torch
+    from conftest import make_images
+
+    from resque_airflow.registry.challenger import _load_torch_model
+    from resque_airflow.registry.client import ModelRef, resolve_version
+
+    x, y = make_images(120, seed=1)
+    np.savez(tmp_path / "ref.npz", x=x, y=y)
+    torch.save(cnn_onnx[0].state_dict(), tmp_path / "state_dict.pt")
+    (tmp_path / "cost.json").write_text('{"steps_to_target": 1200, "energy_kwh": 0.4}')
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = ["publish", "--model", str(cnn_onnx[1]), "--reference", str(tmp_path / "ref.npz"), "--tracking-uri", uri,
+            "--weights", str(tmp_path / "state_dict.pt"), "--torch-factory", "conftest:make_cnn"]  # fmt: skip
+    assert cli_main([*base, "--name", "cli-cnn", "--training-cost", "steps_to_target=1200,energy_kwh=0.4"]) == 0
+    assert cli_main([*base, "--name", "cli-cnn-file", "--training-cost", str(tmp_path / "cost.json")]) == 0
+    client = make_client(uri)
+    for name in ("cli-cnn", "cli-cnn-file"):
+        version = resolve_version(client, ModelRef.of(name, "champion"))
+        metrics = client.get_run(version.run_id).data.metrics
+        assert metrics["steps_to_target"] == 1200 and metrics["energy_kwh"] == pytest.approx(0.4)
+        model, factory = _load_torch_model(client, version, fresh=False, seed=0)  # as the example DAG retrains
+        assert factory == "conftest:make_cnn" and torch.equal(model.fc.weight, cnn_onnx[0].fc.weight)
+    capsys.readouterr()
+    assert cli_main([*base, "--name", "bad", "--training-cost", "steps=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown cost 'steps'" in err, err
