@@ -129,7 +129,7 @@ def test_two_gates_inserting_the_same_tag_is_a_lost_race_not_an_error(registry, 
     real_set = MlflowClient.set_model_version_tag
     raised = []
 
-    def set_tag(self, name, version, key, value):
+    def set_tag(self, name, version, key, value, stage=None):
         if not raised:  # the other gate inserted this tag first, and with its own value
             real_set(self, name, version, key, "written by another gate")
             raised.append(key)
