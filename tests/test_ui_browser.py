@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -42,6 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOT = REPO / "test-artifacts" / "ui_model_page.png"
+SCREENSHOT_CALIBRATED = REPO / "test-artifacts" / "ui_calibrated_views.png"
 XSS = uih.GATES[4]["branch"]
 
 
@@ -126,6 +128,89 @@ def test_app_mounted_under_prefix_and_registry_down(registry: dict[str, Any]) ->
         assert page.status_code == 502 and "connection refused" in page.text
         api = http.get("/api/models")
         assert api.status_code == 502 and "connection refused" in api.json()["detail"]
+
+
+def _label_ys(svg: str) -> list[float]:
+    return [float(y) for y in re.findall(r'<text class="threshold-label[^"]*" x="[^"]+" y="([^"]+)"', svg)]
+
+
+def test_app_calibrated_views(registry: dict[str, Any]) -> None:
+    """The calibrated decision, the per-model cost view and the class drill-down, server-rendered."""
+    from fastapi.testclient import TestClient
+
+    gate_ids = registry["gate_ids"]
+    with TestClient(make_app(registry)) as http:
+        page = http.get(f"/models/{uih.MODEL}", params={"run": gate_ids[5]})
+        assert page.status_code == 200
+        assert "script-src 'none'" in page.headers["content-security-policy"]
+        html = page.text
+        assert "<script" not in html
+        from markupsafe import escape
+
+        assert f'<p class="reason" id="reason">{escape(uih.REASON)}</p>' in html
+        assert "shift detected</strong> at false-alarm rate alpha = 0.01" in html
+        assert "quantile 0.012 at n = 4000, p-value 0.001" in html
+        assert "(90% interval 0.024 &ndash; 0.039)" in html
+        assert "measured 0.87 [0.84 &ndash; 0.9]; estimated (ATC) 0.88 [0.85 &ndash; 0.91]" in html
+        assert "steps_to_target 60 [40 &ndash; 90], rebuild cost 400" in html and "basis: prior, 0 runs" in html
+        assert "challenger-of-5" in html and "met target" in html
+        assert html.count('class="interval"') == len(uih.CAL) and html.count('class="null-mark"') == len(uih.CAL)
+        assert 'id="cost-chart"' in html and html.count('class="cost-pt') == 2
+        assert html.count('<tr data-run-id="', html.index('id="cost-pairs"')) >= 2
+        assert 'id="class-heatmap"' in html
+        n_with_angles = sum(1 for i, g in enumerate(uih.GATES) if g["score"] is not None)
+        assert len(re.findall(r'<rect class="heat( moved)?"', html)) == n_with_angles * uih.N_CLASSES
+        assert 'id="class-moves"' in html and html.count('class="bar moved"') == uih.N_CLASSES
+        assert 'class="mark mark-null"' in html and 'class="score-band"' in html
+        assert "label-null" in html
+        # Labels on the right never overlap (the calibrated runs' 0.0123 / 1.0 thresholds are not drawn).
+        score_svg = html[html.index('id="score-chart"') : html.index("</svg>", html.index('id="score-chart"'))]
+        ys = sorted(_label_ys(score_svg))
+        assert all(b - a >= 12 for a, b in itertools.pairwise(ys)), ys
+        class_svg = html[html.index('id="class-chart"') : html.index("</svg>", html.index('id="class-chart"'))]
+        ys = sorted(_label_ys(class_svg))
+        assert len(ys) == 2 and ys[1] - ys[0] >= 12  # score and null quantile only: thresholds unused
+
+        # Airflow's DAG-run / task-instance tabs: one gate run redirects to its details, several are listed.
+        key = {"dag_id": "resque_gate", "run_id": "scheduled__2026-01-06"}
+        ti = http.get("/airflow", params=key | {"task_id": "gate", "map_index": "{MAP_INDEX}"}, follow_redirects=False)
+        assert ti.status_code == 303
+        assert ti.headers["location"] == f"/models/{uih.MODEL}?run={gate_ids[5]}#detail"
+        assert (
+            http.get("/airflow", params=key, follow_redirects=False)
+            .headers["location"]
+            .endswith(gate_ids[5] + "#detail")
+        )
+        listed = http.get("/airflow", params={"dag_id": "resque_gate", "run_id": "{RUN_ID}"})
+        assert listed.status_code == 200 and listed.text.count('<tr data-run-id="') == len(uih.GATES)
+        missing = http.get("/airflow", params=key | {"task_id": "train"})
+        assert missing.status_code == 404 and "No RESQUE gate run recorded for dag_id resque_gate" in missing.text
+        assert http.get("/airflow", params=key | {"task_id": "gate", "map_index": "2"}).status_code == 404
+        assert http.get("/airflow").status_code == 422  # dag_id is required
+
+
+def test_score_chart_under_default_thresholds(registry: dict[str, Any]) -> None:
+    """Calibrated runs only (logged thresholds 0.0123 / 1.0, unused): the axis follows the data, not 1.0."""
+    import mlflow
+
+    from resque_airflow.registry import audit
+    from resque_airflow.ui.charts import score_chart
+
+    client = mlflow.MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    records = [r for i, r in enumerate(audit.gate_history(client, uih.MODEL)) if i in uih.CAL]
+    chart = score_chart(records)
+    assert float(chart["y_ticks"][-1]["label"]) < 0.1  # not flattened by the rebuild threshold 1.0
+    assert chart["lines"] == [] and [label["key"] for label in chart["labels"]] == ["null"]
+    ys = [p["y"] for p in chart["points"]]
+    assert abs(ys[0] - ys[1]) > 20  # the two scores are visibly apart
+    for p in chart["points"]:
+        assert p["interval"]["y1"] < p["y"] < p["interval"]["y2"] and p["null_y"] > p["y"]  # score above its null
+    # With thresholds that decide, close labels are spread apart.
+    threshold_runs = audit.gate_history(client, uih.MODEL)[:3]
+    for r in threshold_runs:
+        r.thresholds = {"reuse": 0.1, "rebuild": 0.101}
+    labels = score_chart(threshold_runs)["labels"]
+    assert abs(labels[0]["y"] - labels[1]["y"]) >= 14
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,6 +326,59 @@ def test_model_page_in_chromium(registry: dict[str, Any], tmp_path: Path) -> Non
     assert SCREENSHOT.stat().st_size > 10_000
 
 
+@pytest.mark.browser
+def test_calibrated_views_in_chromium(registry: dict[str, Any], tmp_path: Path) -> None:
+    """From a task instance's tab to its gate run; the cost view and the class drill-down in a real browser."""
+    gate_ids = registry["gate_ids"]
+    with serve(make_app(registry)) as base, chromium(tmp_path) as browser:
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda err: problems.append(str(err)))
+
+        # What Airflow's task-instance tab opens (an unmapped task: {MAP_INDEX} left as written).
+        page.goto(
+            f"{base}/airflow?dag_id=resque_gate&run_id=scheduled__2026-01-07&task_id=gate&map_index={{MAP_INDEX}}"
+        )
+        page.wait_for_selector(f'#detail[data-run-id="{gate_ids[6]}"]')
+        assert "shift detected" in page.locator("#fact-shift").inner_text()
+        assert "estimated (ATC) 0.89" in page.locator("#fact-accuracy").inner_text()
+        assert "basis: prior+history, 1 runs of history" in page.locator("#fact-prediction").inner_text()
+
+        # The score chart: intervals and nulls drawn, right-hand labels apart on screen.
+        chart = page.locator("#score-chart")
+        assert chart.locator("line.interval").count() == len(uih.CAL)
+        assert chart.locator("line.null-mark").count() == len(uih.CAL)
+        boxes = [chart.locator("text.threshold-label").nth(i).bounding_box()
+                 for i in range(chart.locator("text.threshold-label").count())]  # fmt: skip
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                assert a["y"] + a["height"] <= b["y"] + 0.5 or b["y"] + b["height"] <= a["y"] + 0.5, (a, b)
+
+        # Predicted vs measured: one point per gate run with both, the one outside its interval marked.
+        cost = page.locator("#cost-chart")
+        assert cost.is_visible() and cost.locator("circle.cost-pt").count() == 2
+        assert cost.locator("circle.cost-pt.outside").count() == 1
+        assert cost.locator(f'circle.selected[data-run-id="{gate_ids[6]}"]').count() == 1
+        pairs = page.locator("#cost-pairs").inner_text()
+        assert "72" in pairs and "55" in pairs and "prior+history" in pairs
+
+        # Which classes moved: the heat map, the bars above the null, the table against the previous run.
+        heat = page.locator("#class-heatmap")
+        assert heat.locator("rect.heat.moved").count() == len(uih.CAL) * uih.N_CLASSES
+        assert page.locator("#class-chart rect.bar.moved").count() == uih.N_CLASSES
+        assert page.locator("#class-moves tbody tr").first.get_attribute("data-class") == str(uih.N_CLASSES - 1)
+        SCREENSHOT_CALIBRATED.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT_CALIBRATED), full_page=True)
+
+        # A heat-map cell opens its run.
+        heat.locator(f'rect.heat[data-run-id="{gate_ids[5]}"][data-class="0"]').click()
+        page.wait_for_selector(f'#detail[data-run-id="{gate_ids[5]}"]')
+        assert "0.001" in page.locator("#fact-null").inner_text()
+        assert not problems, problems
+    assert SCREENSHOT_CALIBRATED.stat().st_size > 10_000
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The Airflow plugin
 
@@ -253,20 +391,28 @@ def test_plugin_fields() -> None:
 
     plugin = ResquePlugin()
     assert plugin.name == "resque"
-    (view,) = plugin.external_views
-    assert view == {
+    nav, dag_run, task_instance = plugin.external_views
+    assert nav == {
         "name": "RESQUE audit",
         "href": "resque/",
         "url_route": "resque-audit",
         "destination": "nav",
         "category": "browse",
     }
+    assert dag_run["destination"] == "dag_run" and task_instance["destination"] == "task_instance"
+    assert dag_run["href"] == "resque/airflow?dag_id={DAG_ID}&run_id={RUN_ID}"
+    assert task_instance["href"].endswith("&task_id={TASK_ID}&map_index={MAP_INDEX}")
+    from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse
+
+    for view in plugin.external_views:  # the shape Airflow's /ui/plugins serves
+        ExternalViewResponse.model_validate(view)
     (entry,) = plugin.fastapi_apps
     assert entry["url_prefix"] == "/resque" and entry["name"] == "RESQUE audit"
     assert isinstance(entry["app"], FastAPI)
     assert plugin.fastapi_apps[0]["app"] is entry["app"]  # built once
     paths = {getattr(r, "path", None) for r in entry["app"].routes}
-    assert {"/", "/models/{name:path}", "/api/models", "/api/models/{name:path}/runs", "/api/runs/{run_id}"} <= paths
+    assert {"/", "/models/{name:path}", "/airflow", "/api/models", "/api/models/{name:path}/runs",
+            "/api/runs/{run_id}"} <= paths  # fmt: skip
     with TestClient(entry["app"]) as http:  # Airflow's authentication guards the plugin's routes
         assert http.get("/api/models").status_code == 401
 

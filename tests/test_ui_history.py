@@ -39,12 +39,83 @@ GATES: list[dict[str, Any]] = [
         "label_source": "none",
     },
 ]
+# Two calibrated gates (issue 11) with the default thresholds logged (reuse 0.0123, rebuild 1.0) but not used.
+REASON = (
+    "shift detected (RESQUE 0.031, null p99 0.012 at n=4,000); estimated accuracy 0.88 < target 0.91; predicted "
+    "fine-tuning 40-90 steps, below the rebuild cost 400 steps -> retrain"
+)
+GATES += [
+    {
+        "version": "2",
+        "score": 0.031,
+        "decision": "retrain",
+        "branch": "retrain",
+        "label_source": "given",
+        "calibrated": {
+            "interval": (0.024, 0.039), "null_quantile": 0.012, "p_value": 0.001, "shift_detected": True,
+            "accuracy_measured": (0.87, 0.84, 0.90), "accuracy_estimated": (0.88, 0.85, 0.91), "reason": REASON,
+            "prediction": (60.0, 40.0, 90.0), "basis": "prior", "n_history": 0, "measured_back": 72.0,
+        },
+    },
+    {
+        "version": "2",
+        "score": 0.022,
+        "decision": "retrain",
+        "branch": "retrain",
+        "label_source": "given",
+        "calibrated": {
+            "interval": (0.017, 0.028), "null_quantile": 0.013, "p_value": 0.004, "shift_detected": True,
+            "accuracy_measured": None, "accuracy_estimated": (0.89, 0.86, 0.92), "reason": "shift detected -> retrain",
+            "prediction": (30.0, 20.0, 50.0), "basis": "prior+history", "n_history": 1, "measured_back": 55.0,
+        },
+    },
+]  # fmt: skip
+CAL = (5, 6)  # indices of the calibrated gates
 RETRAIN_COST = {"epochs_to_target": 14.0, "wall_s": 351.5, "energy_kwh": 0.042, "emissions_kg": 0.011}
 
 
 def per_class_angles(i: int) -> dict[str, float]:
     """Per-class angles of gate ``i`` as the gate writes them (class index as a string -> angle in [0, 1])."""
     return {str(k): round(0.01 + 0.02 * k + 0.05 * i, 4) for k in range(N_CLASSES)}
+
+
+def calibrated_metrics(cal: dict[str, Any], ts: int) -> list:
+    """The calibrated gate's metrics, as ``registry.record.gate_metrics`` and the audit loop's write-back name them."""
+    from mlflow.entities import Metric
+
+    values = {
+        "resque_score_low": cal["interval"][0], "resque_score_high": cal["interval"][1],
+        "null_quantile": cal["null_quantile"], "p_value": cal["p_value"],
+        "shift_detected": float(cal["shift_detected"]),
+        "predicted_steps_to_target": cal["prediction"][0], "predicted_steps_to_target_low": cal["prediction"][1],
+        "predicted_steps_to_target_high": cal["prediction"][2], "rebuild_cost": 400.0,
+        "measured_steps_to_target": cal["measured_back"], "measured_censored": 0.0,
+    }  # fmt: skip
+    for name in ("accuracy_measured", "accuracy_estimated"):
+        if cal[name]:
+            values |= dict(zip((name, f"{name}_low", f"{name}_high"), cal[name], strict=True))
+    return [Metric(k, v, ts, 0) for k, v in values.items()]
+
+
+def calibrated_result(cal: dict[str, Any]) -> dict[str, Any]:
+    """The calibrated fields of ``gate_result.json`` (``GateOutcome.to_dict()``)."""
+
+    def acc(a):
+        return None if a is None else dict(zip(("value", "low", "high"), a, strict=True))
+
+    return {
+        "interval": list(cal["interval"]),
+        "reason": cal["reason"],
+        "calibration": {
+            "detection": {"null_quantile": cal["null_quantile"], "p_value": cal["p_value"], "alpha": 0.01,
+                          "detected": cal["shift_detected"]},
+            "accuracy_measured": acc(cal["accuracy_measured"]),
+            "accuracy_estimated": acc(cal["accuracy_estimated"]),
+        },
+        "prediction": {"cost_metric": "steps_to_target", "predicted": cal["prediction"][0], "low": cal["prediction"][1],
+                       "high": cal["prediction"][2], "rebuild_cost": 400.0, "unit": "steps", "basis": cal["basis"],
+                       "n_history": cal["n_history"], "energy_kwh": None},
+    }  # fmt: skip
 
 
 def build_gate_registry(root: Path) -> dict[str, Any]:
@@ -90,9 +161,9 @@ def build_gate_registry(root: Path) -> dict[str, Any]:
             "provider": "CPUExecutionProvider",
             "n_samples": "4000",
             "n_classes": str(N_CLASSES),
-            "reuse_threshold": "0.02",
-            "rebuild_threshold": "0.2",
-            "policy": "thresholds",
+            "reuse_threshold": "0.0123" if "calibrated" in gate else "0.02",
+            "rebuild_threshold": "1.0" if "calibrated" in gate else "0.2",
+            "policy": "calibrated+cost" if "calibrated" in gate else "thresholds",
             "airflow_dag_id": "resque_gate",
             "airflow_run_id": f"scheduled__2026-01-0{i + 1}",
             "airflow_task_id": "gate",
@@ -124,6 +195,12 @@ def build_gate_registry(root: Path) -> dict[str, Any]:
                 Metric(f"predicted_{cost}_low", low, start + 1000, 0),
                 Metric(f"predicted_{cost}_high", high, start + 1000, 0),
             ]
+        cal = gate.get("calibrated")
+        if cal:
+            metrics += calibrated_metrics(cal, start + 1000)
+            tags[names.REASON_TAG] = cal["reason"]
+            tags["resque.challenger_run_id"] = f"challenger-of-{i}"
+            tags["resque.challenger_outcome"] = "met_target" if i == 5 else "missed_target"
         client.log_batch(
             rid,
             metrics=metrics,
@@ -138,6 +215,8 @@ def build_gate_registry(root: Path) -> dict[str, Any]:
                 "classes_compared": list(range(N_CLASSES)),
                 "classes_missing": [],
             }
+            if cal:
+                result |= calibrated_result(cal)
             client.log_text(rid, json.dumps(result), names.GATE_RESULT_ARTIFACT)
         client.set_terminated(rid, status="FAILED" if gate.get("status") == "failed" else "FINISHED")
         gate_ids.append(rid)
@@ -158,6 +237,13 @@ def build_gate_registry(root: Path) -> dict[str, Any]:
         + [Metric(names.CENSORED_METRIC, 0.0, T0_MS + 2 * DAY_MS, 0)],
     )
     client.set_terminated(retrain.info.run_id)
+    challenger = client.create_run(
+        retrain_exp,
+        start_time=T0_MS + 5 * DAY_MS + 3_600_000,
+        tags={names.KIND_TAG: names.KIND_RETRAIN, names.GATE_RUN_TAG: gate_ids[5], names.SOURCE_VERSION_TAG: "2"},
+    )
+    client.log_metric(challenger.info.run_id, "steps_to_target", 72.0)
+    client.set_terminated(challenger.info.run_id)
 
     # Another model with one gate run, and a non-gate run in the gate experiment that must be ignored.
     other = client.create_run(
@@ -250,7 +336,7 @@ def test_gate_history_records(client, registry: dict[str, Any]) -> None:
     }
     assert rows["energy_kwh"]["predicted"] is None and rows["energy_kwh"]["measured"] == 0.042
     assert audit_report.cost_cell(retrained) == "epochs_to_target 12 [8-16] / 14"
-    assert all(not r.measured for i, r in enumerate(records) if i != 1)
+    assert all(not r.measured for i, r in enumerate(records) if i not in (1, 5))
     assert audit_report.cost_cell(records[0]) == "-"
 
 
@@ -360,3 +446,75 @@ def test_reads_what_the_gate_writes(tmp_path: Path, cnn_onnx, write_npz) -> None
     assert record.airflow["dag_id"] == "d" and "mmd" in record.signals
     detail = audit.gate_detail(client, record.run_id)
     assert {c["class"]: c["angle"] for c in detail.per_class} == pytest.approx(outcome.per_class)
+
+
+def test_calibrated_fields(client, registry: dict[str, Any]) -> None:
+    """The calibrated decision reads back: from metrics and tags in the history, completed by the artifact."""
+    records = audit.gate_history(client, MODEL)
+    rec = records[5]
+    cal = GATES[5]["calibrated"]
+    assert rec.interval == list(cal["interval"]) and rec.null_quantile == cal["null_quantile"]
+    assert rec.p_value == cal["p_value"] and rec.shift_detected is True
+    assert rec.accuracy_measured == {"value": 0.87, "low": 0.84, "high": 0.90}
+    assert rec.accuracy_estimated == {"value": 0.88, "low": 0.85, "high": 0.91}
+    assert records[6].accuracy_measured is None and records[6].accuracy_estimated["value"] == 0.89
+    assert rec.reason == REASON and rec.policy == "calibrated+cost"
+    assert rec.prediction == {"cost_metric": "steps_to_target", "predicted": 60.0, "low": 40.0, "high": 90.0,
+                              "rebuild_cost": 400.0}  # fmt: skip
+    assert rec.alpha is None  # only the artifact holds alpha and the forecast's basis
+    assert rec.measured_back == {"steps_to_target": 72.0, "censored": 0.0}
+    assert (rec.challenger_run_id, rec.challenger_outcome) == ("challenger-of-5", "met_target")
+    assert rec.gate_key == "resque_gate/scheduled__2026-01-06/gate/-1"
+    assert rec.angles == per_class_angles(5)
+    # measured cost: the write-back on the gate run
+    assert {r["metric"]: r["measured"] for r in records[6].cost_comparison()} == {"steps_to_target": 55.0}
+    assert records[0].interval is None and records[0].shift_detected is None and records[0].reason is None
+
+    detail = audit.gate_detail(client, rec.run_id)
+    assert detail.alpha == 0.01 and detail.shift_detected is True
+    assert detail.prediction["basis"] == "prior" and detail.prediction["n_history"] == 0
+    assert detail.interval == list(cal["interval"])
+    json.dumps(detail.to_dict(), allow_nan=False)
+
+
+def test_cost_pairs_and_class_moves(client) -> None:
+    from resque_airflow.registry import audit_costs
+
+    records = audit.gate_history(client, MODEL)
+    pairs = audit_costs.cost_pairs(records)
+    assert pairs["metric"] == "steps_to_target"  # tied with epochs_to_target on pairs: COST_METRICS order
+    rows = {r["run_id"]: r for r in pairs["rows"]}
+    assert set(rows) == {records[5].run_id, records[6].run_id}
+    assert rows[records[5].run_id]["inside"] is True and rows[records[6].run_id]["inside"] is False
+    assert rows[records[5].run_id]["ratio"] == pytest.approx(1.2)
+    assert (pairs["n_pairs"], pairs["n_inside"]) == (2, 1)
+    assert pairs["median_ratio"] == pytest.approx((1.2 + 55 / 30) / 2)
+    epochs = audit_costs.cost_pairs(records, "epochs_to_target")
+    assert [r["measured"] for r in epochs["rows"]] == [14.0]
+
+    detail = audit.gate_detail(client, records[6].run_id)
+    moves = audit_costs.class_moves(records, detail)
+    assert moves["threshold_kind"] == "null quantile" and moves["threshold"] == 0.013
+    assert moves["previous_run_id"] == records[5].run_id
+    assert [r["class"] for r in moves["rows"]] == [str(k) for k in reversed(range(N_CLASSES))]  # largest first
+    top = moves["rows"][0]
+    assert top["change"] == pytest.approx(per_class_angles(6)["9"] - per_class_angles(5)["9"])
+    assert moves["n_moved"] == N_CLASSES
+    threshold_run = audit.gate_detail(client, records[0].run_id)
+    first = audit_costs.class_moves(records, threshold_run)
+    assert first["threshold_kind"] == "reuse threshold" and first["previous_run_id"] is None
+    assert [r["moved"] for r in first["rows"]].count(True) == sum(v > 0.02 for v in per_class_angles(0).values())
+
+
+def test_gate_runs_for_airflow(client, registry: dict[str, Any]) -> None:
+    gate_ids = registry["gate_ids"]
+    (one,) = audit.gate_runs_for(client, "resque_gate", "scheduled__2026-01-06")
+    assert one.run_id == gate_ids[5]
+    (ti,) = audit.gate_runs_for(client, "resque_gate", "scheduled__2026-01-06", "gate", -1)
+    assert ti.run_id == gate_ids[5]
+    assert audit.gate_runs_for(client, "resque_gate", "scheduled__2026-01-06", "gate", 3) == []
+    assert audit.gate_runs_for(client, "resque_gate", "scheduled__2026-01-06", "other_task") == []
+    assert [r.run_id for r in audit.gate_runs_for(client, "resque_gate")] == gate_ids
+    assert audit.gate_runs_for(client, "no_such_dag") == []
+    with pytest.raises(LookupError):
+        audit.gate_runs_for(client, "d", 'it\'s "both"')

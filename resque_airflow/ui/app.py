@@ -267,7 +267,8 @@ def _add_pages(app: FastAPI, reader: _Reader, render: Render, experiment_names: 
                 raise HTTPException(status_code=404, detail=f"run {run!r} is not a gate run of model {name!r}")
             selected = reader.detail(run)
         chosen = selected.run_id if selected else None
-        pairs = audit_costs.cost_pairs(records)
+        # the selected run's record is the complete one (the artifact adds the forecast's basis and alpha)
+        pairs = audit_costs.cost_pairs([selected if r.run_id == chosen else r for r in records])
         return render(
             request,
             "model.html",

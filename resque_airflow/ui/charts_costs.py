@@ -72,7 +72,7 @@ def cost_chart(pairs: dict[str, Any] | None, selected: str | None = None, *, siz
 
 
 def class_heatmap(
-    records: Sequence[GateRecord], selected: str | None = None, *, width: int = 1120
+    records: Sequence[GateRecord], selected: str | None = None, *, max_width: int = 560
 ) -> dict[str, Any] | None:
     """Cells of the per-class angle heat map over the model's most recent gate runs with angles (``None`` without).
 
@@ -85,8 +85,9 @@ def class_heatmap(
     classes = [c["class"] for c in per_class({k: 0.0 for r in runs for k in r.angles})][:MAX_HEAT_CLASSES]
     top_angle = max(v for r in runs for v in r.angles.values()) or 1.0
     left, top, right = 70, 10, 16
-    cell_w = min(28.0, (width - left - right) / len(runs))
-    cell_h = 16.0 if len(classes) <= 30 else 10.0
+    cell_w = min(44.0, (max_width - left - right) / len(runs))
+    cell_h = 22.0 if len(classes) <= 20 else (14.0 if len(classes) <= 40 else 9.0)
+    width = max(round(left + len(runs) * cell_w + right), 320)
     cells, columns = [], []
     for j, r in enumerate(runs):
         x = left + j * cell_w

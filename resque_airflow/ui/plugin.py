@@ -4,7 +4,11 @@ Airflow 3 (3.1+) plugin interface:
 
 - ``fastapi_apps``: the app of :mod:`resque_airflow.ui.app`, mounted by the API server under ``/resque``;
 - ``external_views``: the nav entry "RESQUE audit" (category "browse"), which embeds ``resque/`` in the Airflow UI
-  (``url_route`` set: an iframe at ``<airflow>/plugin/resque-audit``; ``href`` is relative to the UI's base URL).
+  (``url_route`` set: an iframe at ``<airflow>/plugin/resque-audit``; ``href`` is relative to the UI's base URL),
+  and two tabs, "RESQUE gate", on every DAG run page (``destination="dag_run"``) and task instance page
+  (``destination="task_instance"``): Airflow 3.1+ fills ``{DAG_ID}``, ``{RUN_ID}``, ``{TASK_ID}`` and
+  ``{MAP_INDEX}`` in their ``href``, and the app's ``/airflow`` page opens the gate run of that DAG run or task
+  instance (read from the gate run's ``airflow_*`` params and ``resque.gate_key`` tag).
 
 Discovery stays cheap: importing this module imports neither FastAPI nor MLflow. The app is built the first time
 Airflow reads ``fastapi_apps`` (only the API server and ``airflow plugins`` do) and MLflow is imported on the first
@@ -53,6 +57,20 @@ EXTERNAL_VIEW: dict[str, Any] = {
     "url_route": "resque-audit",
     "destination": "nav",
     "category": "browse",
+}
+
+#: Tabs on the DAG run and task instance pages (Airflow 3.1+ substitutes the placeholders, URL-encoded).
+DAG_RUN_VIEW: dict[str, Any] = {
+    "name": "RESQUE gate",
+    "href": URL_PREFIX.lstrip("/") + "/airflow?dag_id={DAG_ID}&run_id={RUN_ID}",
+    "url_route": "resque-gate-run",
+    "destination": "dag_run",
+}
+TASK_INSTANCE_VIEW: dict[str, Any] = {
+    "name": "RESQUE gate",
+    "href": URL_PREFIX.lstrip("/") + "/airflow?dag_id={DAG_ID}&run_id={RUN_ID}&task_id={TASK_ID}&map_index={MAP_INDEX}",
+    "url_route": "resque-gate",
+    "destination": "task_instance",
 }
 
 _app: FastAPI | None = None
@@ -131,7 +149,7 @@ class ResquePlugin(AirflowPlugin):
     """RESQUE audit view: FastAPI app under ``/resque`` and a nav entry "RESQUE audit" in the Airflow UI."""
 
     name = PLUGIN_NAME
-    external_views = [EXTERNAL_VIEW]  # noqa: RUF012 - Airflow's plugin interface is class attributes
+    external_views = [EXTERNAL_VIEW, DAG_RUN_VIEW, TASK_INSTANCE_VIEW]  # noqa: RUF012 - Airflow's plugin interface is class attributes
 
     @property
     def fastapi_apps(self) -> list[dict[str, Any]]:  # type: ignore[override]
