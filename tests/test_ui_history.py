@@ -446,6 +446,13 @@ def test_reads_what_the_gate_writes(tmp_path: Path, cnn_onnx, write_npz) -> None
     assert record.airflow["dag_id"] == "d" and "mmd" in record.signals
     detail = audit.gate_detail(client, record.run_id)
     assert {c["class"]: c["angle"] for c in detail.per_class} == pytest.approx(outcome.per_class)
+    # The calibrated decision, as the real gate writes it.
+    assert record.interval == pytest.approx(outcome.interval) and record.reason == outcome.reason
+    det = outcome.calibration["detection"]
+    assert record.null_quantile == pytest.approx(det["null_quantile"]) and record.shift_detected == det["detected"]
+    assert detail.alpha == det["alpha"] and detail.p_value == pytest.approx(det["p_value"])
+    est = outcome.calibration["accuracy_estimated"]
+    assert (detail.accuracy_estimated or {}).get("value") == (pytest.approx(est["value"]) if est else None)
 
 
 def test_calibrated_fields(client, registry: dict[str, Any]) -> None:
