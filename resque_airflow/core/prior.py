@@ -41,8 +41,8 @@ def transfer_signals(
 ) -> dict[str, float | None]:
     """The prior's signals from a gate's calibrated numbers (None where unknown).
 
-    >>> transfer_signals(0.03, 0.01, 0.8, 0.9)
-    {'excess': 3.0, 'accuracy_drop_relative': 0.1111111111111111}
+    >>> {k: round(v, 4) for k, v in transfer_signals(0.03, 0.01, 0.8, 0.9).items()}
+    {'excess': 3.0, 'accuracy_drop_relative': 0.1111}
     """
     excess = score / null_quantile if null_quantile and null_quantile > 0 else None
     drop = None
