@@ -49,6 +49,8 @@ def shown_shape(spec: TensorSpec) -> tuple:
     return tuple("N" if i == 0 and d is None else ("?" if d is None else d) for i, d in enumerate(spec.shape))
 
 
+# C901 12: one check per dtype rule of ONNX inputs (0-d, non-numeric, ints into floats, precision, range), each
+# with its own message; split apart, the rules would lose the order in which they must be tried.
 def _convert(a: np.ndarray, key: str, spec: TensorSpec, source: str) -> np.ndarray:
     target = np.dtype(spec.dtype)
     a = np.asarray(a)

@@ -104,6 +104,7 @@ def _rank(inferred: onnx.ModelProto, original: onnx.ModelProto, name: str) -> in
     raise ModelError(f"layer: cannot infer the rank of tensor {name!r}; export the model with shapes")
 
 
+# C901 12: the pooling rules by rank and layout in the docstring are one decision table; read top to bottom.
 def resolve_pooling(model: onnx.ModelProto, name: str, rank: int, pooling: str = "auto") -> tuple[str, str]:
     """``(pooling, why)`` for tensor ``name`` of rank ``rank``, as recorded in the fingerprint.
 

@@ -151,6 +151,7 @@ def find_layer(model: onnx.ModelProto, layer: str = "auto") -> str:
     return choose_layer(model, layer).name
 
 
+# C901 11: a walk back through the graph with one branch per family of layout-keeping or layout-setting ops.
 def trace_layout(model: onnx.ModelProto, name: str) -> str:
     """Where the channels of tensor ``name`` are: ``"first"`` (after Conv/pooling: ``(N, C, ...)``), ``"last"``
     (after a MatMul/LayerNorm or a transpose to channels-last: ``(N, ..., C)``) or ``"unknown"``.

@@ -143,6 +143,7 @@ def iter_parquet(
         yield _inputs_from_table(table, specs, label, text, where), y
 
 
+# C901 11: line parsing, label checks and batching of one streaming reader; the nested flush() shares its state.
 def iter_jsonl(
     f, path: str, specs: Sequence[TensorSpec], *, label: str, text: TextSpec | None, class_names, batch_size: int
 ) -> Iterator[tuple[dict, np.ndarray | None]]:

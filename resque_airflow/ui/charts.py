@@ -228,6 +228,8 @@ def score_chart(
     }
 
 
+# C901 14: geometry with one branch per optional line (score, interval, null quantile, thresholds) and label
+# placement; splitting it would pass a dozen coordinates between helpers.
 def class_chart(record: GateRecord, *, width: int = 1120, height: int = 270) -> dict[str, Any] | None:
     """Geometry of the per-class angle bars of one gate run (``None`` without per-class angles).
 
