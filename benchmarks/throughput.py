@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,10 @@ REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 TARGETS = {"gate_vs_ort": 0.95, "gate_vs_torch": 1.2, "gate_vs_reference": 2.0, "rss_ratio_10x": 1.1}
 GPU_TARGETS = {"gate_vs_reference": 20.0}
+QUICK_NOTE = (
+    "--quick: a smoke test only. Its ratios are NOT figures: a run this small measures process start-up and session "
+    "creation more than throughput. Use --standard for figures."
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,7 +64,8 @@ GPU_TARGETS = {"gate_vs_reference": 20.0}
 # ----------------------------------------------------------------------------------------------------------------
 def run_worker(kind: str, spec: dict, *, env: dict | None = None, timeout: float = 3600) -> dict:
     """Run one worker in a fresh Python process; return its JSON result (with ``wall_s`` of the process)."""
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), loadavg()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)],
         capture_output=True,
@@ -72,7 +78,11 @@ def run_worker(kind: str, spec: dict, *, env: dict | None = None, timeout: float
         raise RuntimeError(f"worker {kind} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
     out = json.loads(line)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out["process_wall_s"] = time.perf_counter() - t0
+    # The whole child's CPU time (imports and set-up included; the path's own is the worker's ``cpu_seconds``).
+    out["process_cpu_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    out["load_before"], out["load_after"] = load0, loadavg()
     return out
 
 
@@ -218,13 +228,13 @@ def bench_model(name: str, work: Path, args, log) -> dict:
     write_npz_shards(d / "new-npz", n, seed=2, shift=0.5)
     write_png_folder(d / "new-png", n, seed=2, shift=0.5)
     fp_dir, dim = fingerprint(model, d / "ref-png", d / "fingerprint", args.provider)
-    base = {"provider": args.provider, "batch_size": args.batch_size, "fingerprint": fp_dir}
+    base = {"provider": args.provider, "batch_size": args.batch_size, "fingerprint": fp_dir, "threads": args.threads}
     tspec = base | {"model_name": name, "weights": model["weights"], "dim": dim, "data": str(d / "new-npz")}
     runs: dict[str, list[dict]] = {}
     loads: list = []
 
-    def gate(data: Path) -> dict:
-        return run_worker("gate", base | {"model": model["onnx"], "data": str(data)})
+    def gate(data: Path, **extra) -> dict:
+        return run_worker("gate", base | {"model": model["onnx"], "data": str(data)} | extra)
 
     # Interleave the paths within each repeat (ort and the gate back to back), so that a change of machine load
     # touches them alike; the ratios are then taken within each repeat and their median reported.
@@ -237,8 +247,10 @@ def bench_model(name: str, work: Path, args, log) -> dict:
         runs.setdefault("gate_npz", []).append(gate(d / "new-npz"))
         runs.setdefault("gate_images", []).append(gate(d / "new-png"))
         runs.setdefault("torch", []).append(run_worker("torch", tspec | {"repeats": 1}))
-    log(f"[{name}] reference (batch 1, per class); load {loadavg()}")
-    runs["reference"] = [run_worker("reference", tspec)]
+        if args.statistics_off:  # the gate without the calibrated-decision statistics, right after the full gate
+            runs.setdefault("gate_npz_nostats", []).append(gate(d / "new-npz", statistics=False))
+    log(f"[{name}] reference (batch 1, per class, {args.reference_threads} thread(s)); load {loadavg()}")
+    runs["reference"] = [run_worker("reference", tspec | {"threads": args.reference_threads})]
     if name in args.rss_models:
         log(f"[{name}] gate on 10x the data ({10 * n} images, .npz) for peak RSS; load {loadavg()}")
         write_npz_shards(d / "new-npz-10x", 10 * n, seed=3, shift=0.5)
@@ -266,6 +278,22 @@ def bench_model(name: str, work: Path, args, log) -> dict:
         "images_gate_vs_ort": paired("gate_images", "ort"),
         "images_gate_vs_torch": paired("gate_images", "torch"),
     }  # fmt: skip
+
+    # CPU-time ratios: images per CPU-second of each path, gate over peer (>1: the gate spends less CPU per image).
+    # They hold on a busy machine better than wall time, which counts the time a path waits for a core.
+    def cpu_ratio(a: str, b: str) -> dict:
+        ratios = [y["cpu_ms_per_image"] / x["cpu_ms_per_image"] for x, y in zip(runs[a], runs[b], strict=False)]
+        return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "per_repeat": ratios}
+
+    ratios["cpu_gate_vs_ort"] = cpu_ratio("gate_npz", "ort")
+    ratios["cpu_gate_vs_torch"] = cpu_ratio("gate_npz", "torch")
+    ratios["cpu_gate_vs_reference"] = cpu_ratio("gate_npz", "reference")
+    if "gate_npz_nostats" in runs:
+        ratios["statistics_cost"] = paired("gate_npz", "gate_npz_nostats") | {
+            "cpu": cpu_ratio("gate_npz", "gate_npz_nostats"),
+            "note": "gate with the calibrated-decision statistics over the gate without them (replicates=1, no "
+            "calibrate); target >= 0.95",
+        }
     ratios["gate_vs_reference"]["median"] = ratios["gate_vs_reference"]["of_medians"]
     dists = {k: p["dist"] for k, p in paths.items() if "dist" in p and not k.endswith("10x")}
     out = {
@@ -277,11 +305,14 @@ def bench_model(name: str, work: Path, args, log) -> dict:
         "batch_size": args.batch_size,
         "data_format": "npz",
         "load_per_repeat": loads,
+        "threads": args.threads,
+        "reference_threads": args.reference_threads,
         "paths": paths,
         "ratios": ratios,
         "gate_vs_ort": ratios["gate_vs_ort"]["median"],
         "gate_vs_torch": ratios["gate_vs_torch"]["median"],
         "gate_vs_reference": ratios["gate_vs_reference"]["median"],
+        "rss_vs_ort": paths["gate_npz"]["peak_rss_mb"] / paths["ort"]["peak_rss_mb"],
         "dist": dists,
         "max_dist_diff": max(dists.values()) - min(dists.values()),
     }
@@ -298,7 +329,12 @@ def _meets(key: str, value: float | None, target: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one path in this process); print and write the report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small n, one repeat, no Airflow run (CI smoke test)")
+    p.add_argument("--quick", action="store_true", help="small n, one repeat, no Airflow run (smoke test, no figures)")
+    p.add_argument(
+        "--standard",
+        action="store_true",
+        help="2,000 images, 3 interleaved repeats, ResNet-18 and ViT, the gate without its statistics too, no Airflow",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--out", type=Path, help="also write the JSON there")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"), help="where every path runs")
@@ -308,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="repeats of gate/ort (default 3, quick 1)")
     p.add_argument("--rss-models", default="resnet18", help="models whose gate also runs on 10x the data")
     p.add_argument("--skip-airflow", action="store_true")
+    p.add_argument("--threads", type=int, help="intra-op threads of every batched path (default: the gate's own)")
+    p.add_argument("--reference-threads", type=int, default=1, help="torch threads of the batch-1 reference")
+    p.add_argument("--statistics-off", action="store_true", help="also run the gate without replicates and null")
     p.add_argument("--workdir", type=Path, help="keep the data and models there (default: a temporary folder)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -317,7 +356,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from resque_airflow.runtime.pipeline import DEFAULT_BATCH_SIZE
+    from resque_airflow.runtime.session import intra_op_threads
 
+    if args.quick and args.standard:
+        p.error("--quick and --standard exclude each other")
+    if args.standard:
+        args.n = args.n or 2000
+        args.skip_airflow = True
+        args.statistics_off = True
+    # Every batched path runs on the thread count the gate's session picks (ONNX Runtime's default where
+    # intra_op_threads() keeps it: one per physical core), so that no path is handed more cores than another.
+    args.threads = args.threads or intra_op_threads() or physical_cores()
     args.n = args.n or (256 if args.quick else 4000)
     args.n_ref = min(args.n, 2000)
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -334,10 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "throughput",
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
+        "standard": args.standard,
+        "note": QUICK_NOTE if args.quick else None,
+        "reference_threads": args.reference_threads,
         "provider": args.provider,
         "machine": machine_info(),
         "load_before": loadavg(),
-        "threads": physical_cores(),
+        "threads": args.threads,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "targets": args.targets,
@@ -351,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         report |= {
             k: first.get(k)
             for k in ("model", "data_format", "n", "gate_vs_ort", "gate_vs_torch", "gate_vs_reference",
-                      "rss_ratio_10x", "max_dist_diff", "ratios")
+                      "rss_ratio_10x", "rss_vs_ort", "max_dist_diff", "ratios")
         }  # fmt: skip
         for key in ("gate_npz", "gate_images", "ort", "torch", "reference", "gate_npz_10x"):
             if key in first["paths"]:
@@ -372,20 +424,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    if args.quick:
+        print(QUICK_NOTE, file=sys.stderr)
     if args.json:
         print(text)
     else:
         print(summary_table(report))
+        if args.quick:
+            print("\n" + QUICK_NOTE)
     return 0
 
 
 def summary_table(report: dict) -> str:
     """A Markdown table of every model's paths (images/s and peak RSS) and the ratios."""
-    lines = ["| model | path | images/s | peak RSS (MiB) | RESQUE_dist |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| model | path | images/s | wall (s) | CPU (s) | CPU ms/image | peak RSS (MiB) | load 1-min before/after "
+        "| RESQUE_dist |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for name, m in report["models"].items():
         for key, p in m["paths"].items():
             dist = f"{p['dist']:.8f}" if "dist" in p else ""
-            lines.append(f"| {name} | {key} | {p['images_per_s']:.1f} | {p['peak_rss_mb']:.0f} | {dist} |")
+            load = f"{(p.get('load_before') or [0])[0]:.2f} / {(p.get('load_after') or [0])[0]:.2f}"
+            lines.append(
+                f"| {name} | {key} | {p['images_per_s']:.1f} | {p.get('seconds', float('nan')):.2f} "
+                f"| {p.get('cpu_seconds', float('nan')):.2f} | {p.get('cpu_ms_per_image', float('nan')):.2f} "
+                f"| {p['peak_rss_mb']:.0f} | {load} | {dist} |"
+            )
     lines += ["", "| model | gate_vs_ort | gate_vs_torch | gate_vs_reference | rss_ratio_10x | max dist diff |"]
     lines.append("|---|---:|---:|---:|---:|---:|")
     for name, m in report["models"].items():

@@ -8,6 +8,7 @@ library are imported at module level: torch, ONNX Runtime and the package are im
 from __future__ import annotations
 
 import contextlib
+import resource
 import statistics
 import sys
 import time
@@ -19,6 +20,34 @@ from workloads import NUM_CLASSES, load_npz_folder
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, every thread included (``getrusage(RUSAGE_SELF)``)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _threads(spec: dict) -> int:
+    """The thread count a path is pinned to: the spec's (the benchmark passes the gate's), else physical cores."""
+    return int(spec.get("threads") or physical_cores())
+
+
+def _without_statistics(pipeline) -> None:
+    """Turn the calibrated-decision statistics off in ``pipeline``: one Poisson replicate per summary instead of the
+    default, and no :func:`calibrate` after the pass (a stub that only carries an empty interval). What is left is
+    the pass, RESQUE_dist and the companion signals: the gate as it was before the calibrated decision."""
+    from types import SimpleNamespace
+
+    base = pipeline.FeatureSummary
+
+    class OneReplicate(base):
+        def __init__(self, *args, **kwargs):
+            kwargs["replicates"] = 1
+            super().__init__(*args, **kwargs)
+
+    pipeline.FeatureSummary = OneReplicate
+    pipeline.calibrate = lambda *_a, **_k: SimpleNamespace(interval=(float("nan"), float("nan")))
 
 
 def _sums_to_dist(fp_dir: str, sums: np.ndarray, counts: np.ndarray) -> float:
@@ -53,6 +82,7 @@ def _instrument(pipeline, timings: dict[str, float]) -> None:
 
     pipeline.Embedder = TimedEmbedder
     pipeline.summarise = timed("pass", pipeline.summarise)
+    pipeline.calibrate = timed("calibrate", pipeline.calibrate)
     pipeline.score_dist = timed("score_dist", pipeline.score_dist)
 
 
@@ -65,14 +95,20 @@ def worker_gate(spec: dict) -> dict:
     fp = Fingerprint.load(spec["fingerprint"])
     t_import = time.perf_counter() - t_import
     timings: dict[str, float] = {}
+    if spec.get("statistics") is False:
+        _without_statistics(pipeline)
     _instrument(pipeline, timings)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     result = pipeline.score_dist(
         spec["model"], fp, spec["data"], provider=spec["provider"], batch_size=spec["batch_size"]
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
+        "cpu_ms_per_image": 1000 * cpu / result.n_samples,
+        "statistics": spec.get("statistics", True),
+        "calibrate_seconds": timings.get("calibrate", 0.0),
         "session_seconds": timings["session"],
         "pass_seconds": result.seconds,
         "scoring_seconds": seconds - timings["pass"] - timings["session"],
@@ -98,23 +134,26 @@ def worker_ort(spec: dict) -> dict:
         with contextlib.redirect_stdout(sys.stderr):
             ort.preload_dlls(msvc=False)  # as the gate's session does: CUDA/cuDNN from the nvidia-* wheels
     opts = ort.SessionOptions()
-    if spec.get("threads"):
-        opts.intra_op_num_threads = int(spec["threads"])
+    opts.intra_op_num_threads = _threads(spec)
     sess = ort.InferenceSession(spec["model"], opts, providers=providers)
     name = sess.get_inputs()[0].name
     sess.run(None, {name: x[:bs]})  # warm-up: first-run allocations and kernel selection are not throughput
-    rates = []
+    rates, cpus = [], []
     for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         for i in range(0, x.shape[0], bs):
             sess.run(None, {name: x[i : i + bs]})
         rates.append(x.shape[0] / (time.perf_counter() - t0))
+        cpus.append(cpu_seconds() - c0)
     return {
         "images_per_s": statistics.median(rates),
+        "seconds": x.shape[0] / statistics.median(rates),
+        "cpu_seconds": statistics.median(cpus),
+        "cpu_ms_per_image": 1000 * statistics.median(cpus) / x.shape[0],
         "repeats": rates,
         "n": int(x.shape[0]),
         "provider": sess.get_providers()[0],
-        "threads": spec.get("threads") or physical_cores(),
+        "threads": _threads(spec),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -143,13 +182,14 @@ def worker_torch(spec: dict) -> dict:
 
     from resque_airflow.core import ClassSums
 
-    torch.set_num_threads(spec.get("threads") or physical_cores())
+    torch.set_num_threads(_threads(spec))
+    torch.set_num_interop_threads(1)
     model, module, device = _torch_model(spec)
     x, y = load_npz_folder(Path(spec["data"]))
     bs = spec["batch_size"]
     seen: list = []
     module.register_forward_hook(lambda _m, _i, out: seen.append(_pool(out)))
-    rates, sums = [], None
+    rates, cpus, sums = [], [], None
 
     def one_pass() -> ClassSums:
         cs = ClassSums(NUM_CLASSES, spec["dim"])
@@ -164,11 +204,15 @@ def worker_torch(spec: dict) -> dict:
         for _ in range(spec["repeats"]):
             if device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             sums = one_pass()
             rates.append(x.shape[0] / (time.perf_counter() - t0))
+            cpus.append(cpu_seconds() - c0)
     return {
         "images_per_s": statistics.median(rates),
+        "seconds": x.shape[0] / statistics.median(rates),
+        "cpu_seconds": statistics.median(cpus),
+        "cpu_ms_per_image": 1000 * statistics.median(cpus) / x.shape[0],
         "repeats": rates,
         "n": int(x.shape[0]),
         "threads": torch.get_num_threads(),
@@ -181,7 +225,8 @@ def worker_reference(spec: dict) -> dict:
     """The published procedure: per class, that class's samples one at a time through the hooked model (batch 1)."""
     import torch
 
-    torch.set_num_threads(spec.get("threads") or physical_cores())
+    torch.set_num_threads(_threads(spec))
+    torch.set_num_interop_threads(1)
     model, module, device = _torch_model(spec)
     x, y = load_npz_folder(Path(spec["data"]))
     feats: list = []
@@ -193,7 +238,7 @@ def worker_reference(spec: dict) -> dict:
         feats.clear()
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         for k in range(NUM_CLASSES):  # one pass per class over the data
             acc = torch.zeros(spec["dim"], dtype=torch.float64, device=device)
             for i in np.flatnonzero(y == k):
@@ -201,10 +246,12 @@ def worker_reference(spec: dict) -> dict:
                 acc += _pool(feats.pop())[0].double()
                 counts[k] += 1
             sums[k] = acc.cpu().numpy()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {
         "images_per_s": x.shape[0] / seconds,
         "seconds": seconds,
+        "cpu_seconds": cpu,
+        "cpu_ms_per_image": 1000 * cpu / x.shape[0],
         "n": int(x.shape[0]),
         "threads": torch.get_num_threads(),
         "dist": _sums_to_dist(spec["fingerprint"], sums, counts),
