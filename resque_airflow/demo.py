@@ -151,36 +151,22 @@ def _print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=f"resque_gate on {MODEL_NAME}@champion")
-    for col in (
-        "batch",
-        "RESQUE_dist",
-        "90% interval",
-        "null p99",
-        "acc drop",
-        "decision",
-        "branch taken",
-        "DAG run",
-        "predicted steps",
-        "steps",
-        "epochs",
-        "wall s",
-        "kWh",
-        "challenger",
-    ):
-        table.add_column(col, justify="left" if col in ("batch", "decision", "branch taken") else "right")
+    columns = ("batch", "RESQUE", "90% interval", "null p99", "acc drop", "decision", "predicted steps", "steps", "kWh")
+    for col in (*columns, "challenger"):
+        table.add_column(col, justify="left" if col in ("batch", "decision") else "right")
     for r in rows:
         c = r.get("cost") or {}
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         censored = " (censored)" if c.get("censored") else ""
+        failed = "" if r["dag_state"] == "success" else f" [DAG {r['dag_state']}]"
         table.add_row(
             r["batch"], fmt(r["score"], ".4f"),
-            "-" if r["low"] is None else f"{r['low']:.4f}-{r['high']:.4f}", fmt(r["null_q"], ".4f"),
-            fmt(r["acc_drop"], "+.3f"), r["decision"] or "-", r["branch"], r["dag_state"], fmt(r["predicted"], ".0f"),
-            fmt(c.get("steps_to_target"), ".0f") + censored, fmt(c.get("epochs_to_target"), ".2f"),
-            fmt(c.get("wall_s"), ".1f"), fmt(c.get("energy_kwh"), ".2e"),
-            f"v{c['version']} @challenger" if c else "-",
+            "-" if r["low"] is None else f"{r['low']:.3f}-{r['high']:.3f}", fmt(r["null_q"], ".4f"),
+            fmt(r["acc_drop"], "+.3f"), (r["decision"] or "-") + failed, fmt(r["predicted"], ".0f"),
+            fmt(c.get("steps_to_target"), ".0f") + censored, fmt(c.get("energy_kwh"), ".2e"),
+            f"v{c['version']}" if c else "-",
         )  # fmt: skip
-    console = Console(width=160)
+    console = Console(width=120)
     console.print(table)
     for r in rows:
         console.print(f"  {r['batch']}: {r['reason'] or '-'}")
