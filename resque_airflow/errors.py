@@ -79,11 +79,13 @@ def first_line(exc: BaseException | str, limit: int = 300) -> str:
 
 REDACTED = "***"
 # Environment variables whose values are credentials: their values are removed from any text that is redacted.
+# Values of these variables are secrets wherever they appear. A user name or a file path is not, and replacing one
+# wherever it occurs as a substring corrupts ordinary text (a user "gate" would blank every gate tag): left out.
 SECRET_ENV_VARS = (
-    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_CONNECTION_STRING",
-    "GOOGLE_APPLICATION_CREDENTIALS",
+    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_CONNECTION_STRING",
 )  # fmt: skip
+MIN_SECRET_LENGTH = 8  # a shorter value is replaced only where a URL or query parameter marks it as a credential
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#@\s'\"<>]+)@")
 # The same user:pass@ once a library has stripped the scheme (fsspec logs "/alice:pw@bucket/key").
 _BARE_USERINFO = re.compile(r"(?P<pre>(?:^|[\s/'\"(=,]))[^\s/:@'\"<>*]+:[^\s/@'\"<>]+@")
@@ -110,7 +112,7 @@ def redact(text: object) -> str:
     text = _QUERY_SECRET.sub(lambda m: f"{m['key']}{REDACTED}", text)
     for var in SECRET_ENV_VARS:
         value = os.environ.get(var)
-        if value and len(value) >= 4 and value in text:
+        if value and len(value) >= MIN_SECRET_LENGTH and value in text:
             text = text.replace(value, REDACTED)
     return text
 

@@ -90,3 +90,15 @@ def test_audit_works_with_a_user_pass_uri_and_never_prints_it(capsys):
     rc = audit_main("cnn", f"http://alice:{SECRET}@127.0.0.1:9/", as_json=False)
     err = capsys.readouterr().err
     assert rc == 3 and "unreachable" in err and not _leaks(err), err
+
+
+def test_redaction_never_corrupts_ordinary_text(monkeypatch):
+    """A user name, or a value too short to be a secret, is not replaced wherever it occurs as a substring: one
+    earlier test's ``MLFLOW_TRACKING_USERNAME`` used to blank the ``gate`` of every later gate run's tags."""
+    from resque_airflow.errors import redact
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "gate")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "cnn")
+    assert redact("resque.kind=gate model=cnn") == "resque.kind=gate model=cnn"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    assert redact(f"password {SECRET} in a message") == "password *** in a message"
