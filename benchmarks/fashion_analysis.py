@@ -412,7 +412,7 @@ def analyse(dist: list[dict], tasks: list[dict], out: Path, n_boot: int) -> dict
     ``report.md`` and the plots into ``out``; return the summary's ``goals``, ``claims``, ``resque_vs_severity``."""
     import json
 
-    from fashion_mnist import write_csv
+    from evidence_report import write_csv
 
     dist_corr = dist_correlations(dist, n_boot)
     task_corr = task_correlations(tasks, n_boot) if tasks else []

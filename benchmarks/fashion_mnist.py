@@ -52,6 +52,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fashion_data as fd  # the benchmark's sibling modules, found through the line above
+from evidence_report import write_csv
 
 log = logging.getLogger("fashion")
 
@@ -198,24 +199,12 @@ def score_task(scorer: Scorer, x: np.ndarray, y: np.ndarray, workdir: Path, init
 
 
 def cost_columns(cost, prefix: str = "") -> dict:
-    """The measured-cost columns of a row (the digits CSV's, plus ``accuracy_at_cap``).
+    """The digits CSV's measured-cost columns (``evidence_runs.cost_columns``), plus ``accuracy_at_cap``: the
+    held-out accuracy at the cap for censored runs (runs that reached the target stopped there: empty)."""
+    from evidence_runs import cost_columns as digits_cost_columns
 
-    ``grad_norm`` is the first epoch's mean global gradient norm. ``accuracy_at_cap`` is the held-out accuracy at the
-    cap for censored runs; runs that reached the target stopped there, so theirs is empty (not measured).
-    """
-    return {
-        f"{prefix}steps_to_target": cost.steps_to_target,
-        f"{prefix}epochs_to_target": cost.epochs_to_target,
-        f"{prefix}censored": int(cost.censored),
-        f"{prefix}grad_norm": cost.grad_norm_first,
-        f"{prefix}grad_norm_mean": cost.grad_norm_mean,
-        f"{prefix}param_change": cost.param_change,
-        f"{prefix}wall_s": cost.wall_s,
-        f"{prefix}energy_kwh": cost.energy_kwh,
-        f"{prefix}emissions_kg": cost.emissions_kg,
-        f"{prefix}final_accuracy": cost.final_accuracy,
-        f"{prefix}initial_accuracy": cost.initial_accuracy,
-        f"{prefix}accuracy_at_cap": cost.final_accuracy if cost.censored else None,
+    return digits_cost_columns(cost, prefix) | {
+        f"{prefix}accuracy_at_cap": cost.final_accuracy if cost.censored else None
     }
 
 
@@ -426,18 +415,6 @@ def _setup_logging() -> None:
     for name in ("codecarbon", "resque_airflow.runtime.training", "resque_airflow.runtime.session",
                  "resque_airflow.runtime.pipeline", "resque_airflow.runtime.export"):  # fmt: skip
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows as CSV; the header is the union of every row's keys, in first-seen order; None is written empty."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in keys})
 
 
 def _git_commit() -> str | None:

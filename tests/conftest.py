@@ -160,3 +160,33 @@ def flip_byte(path: str | Path, offset: int) -> None:
     blob = bytearray(path.read_bytes())
     blob[offset] ^= 0x01
     path.write_bytes(bytes(blob))
+
+
+def load_dag(name: str):
+    """The DAG object of ``dags/<name>.py``, imported by path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "dags" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(tmp_path_factory):
+    """The digits CNN trained for real once per session (15 epochs), exported with ``conv2``, its weights and
+    reference split written: ``SimpleNamespace(splits, onnx_path, weights, reference, cost)``. Registries that
+    publish it live in their own folders (publishing copies the files)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from resque_airflow.examples import digits
+    from resque_airflow.runtime.export import export_torch
+
+    home = tmp_path_factory.mktemp("digits-cnn")
+    s = digits.load_digits_splits(seed=0)
+    model, cost = digits.train_model(digits.make_model(seed=0), s.train.x, s.train.y, epochs=15,
+                                     heldout_x=s.heldout.x, heldout_y=s.heldout.y, measure_energy=False)  # fmt: skip
+    onnx_path = export_torch(model, torch.from_numpy(s.train.x[:2]), home / "m.onnx", layer="conv2").path
+    torch.save(model.state_dict(), home / "w.pt")
+    ref = digits.write_npz(home / "ref.npz", s.reference.x, s.reference.y)
+    return SimpleNamespace(splits=s, onnx_path=onnx_path, weights=home / "w.pt", reference=ref, cost=cost)

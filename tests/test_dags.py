@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, flip_byte, mlflow_conn
+from conftest import flip_byte, load_dag, mlflow_conn
 
 from resque_airflow.registry import names
 from resque_airflow.registry.client import make_client
@@ -16,33 +15,18 @@ from resque_airflow.registry.client import make_client
 pytestmark = pytest.mark.airflow
 
 
-def load_dag(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "dags" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.dag
-
-
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory, airflow_db):
+def champion(tmp_path_factory, airflow_db, digits_cnn):
     """A digits CNN trained for real, published as digits-cnn@champion with weights and training cost."""
-    import torch
-
     from resque_airflow.examples import digits
     from resque_airflow.registry.publish import publish_model
-    from resque_airflow.runtime.export import export_torch
 
     home = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{home}/mlflow.db"
-    s = digits.load_digits_splits(seed=0)
-    model, cost = digits.train_model(digits.make_model(seed=0), s.train.x, s.train.y, epochs=15,
-                                     heldout_x=s.heldout.x, heldout_y=s.heldout.y, measure_energy=False)  # fmt: skip
-    onnx_path = export_torch(model, torch.from_numpy(s.train.x[:2]), home / "m.onnx", layer="conv2").path
-    torch.save(model.state_dict(), home / "w.pt")
-    ref = digits.write_npz(home / "ref.npz", s.reference.x, s.reference.y)
+    s, onnx_path, ref, cost = digits_cnn.splits, digits_cnn.onnx_path, digits_cnn.reference, digits_cnn.cost
     for name in ("digits-cnn", "tamper-me", "costly"):
         publish_model(
-            tracking_uri=uri, name=name, model_path=onnx_path, reference=str(ref), weights_path=home / "w.pt",
+            tracking_uri=uri, name=name, model_path=onnx_path, reference=str(ref), weights_path=digits_cnn.weights,
             torch_factory="resque_airflow.examples.digits:make_model", training_cost=cost.to_metrics(),
         )  # fmt: skip
     shifted = digits.apply_shift(s.test.x, "salt_and_pepper", 0.3, seed=1)

@@ -12,7 +12,7 @@ MODEL = "digits-cnn"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, digits_cnn):
     import torch
 
     from resque_airflow.examples import digits
@@ -21,17 +21,12 @@ def registry(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{home}/mlflow.db"
-    s = digits.load_digits_splits(seed=0)
-    model, cost = digits.train_model(digits.make_model(seed=0), s.train.x, s.train.y, epochs=15,
-                                     heldout_x=s.heldout.x, heldout_y=s.heldout.y, measure_energy=False)  # fmt: skip
-    onnx_path = export_torch(model, torch.from_numpy(s.train.x[:2]), home / "m.onnx", layer="conv2").path
-    torch.save(model.state_dict(), home / "w.pt")
-    ref = digits.write_npz(home / "ref.npz", s.reference.x, s.reference.y)
+    s, onnx_path, ref, cost = digits_cnn.splits, digits_cnn.onnx_path, digits_cnn.reference, digits_cnn.cost
     common = {
         "tracking_uri": uri,
         "name": MODEL,
         "reference": str(ref),
-        "weights_path": home / "w.pt",
+        "weights_path": digits_cnn.weights,
         "torch_factory": "resque_airflow.examples.digits:make_model",
         "training_cost": cost.to_metrics(),
     }
