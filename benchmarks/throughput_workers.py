@@ -22,6 +22,13 @@ REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 
 
+def _rates(rates: list[float], cpus: list[float], n: int) -> dict:
+    """The median of repeated timings of ``n`` images: images/s, wall and CPU seconds, CPU ms per image."""
+    rate, cpu = statistics.median(rates), statistics.median(cpus)
+    return {"images_per_s": rate, "seconds": n / rate, "cpu_seconds": cpu, "cpu_ms_per_image": 1000 * cpu / n,
+            "repeats": rates, "n": int(n)}  # fmt: skip
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process so far, every thread included (``getrusage(RUSAGE_SELF)``)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -145,13 +152,7 @@ def worker_ort(spec: dict) -> dict:
             sess.run(None, {name: x[i : i + bs]})
         rates.append(x.shape[0] / (time.perf_counter() - t0))
         cpus.append(cpu_seconds() - c0)
-    return {
-        "images_per_s": statistics.median(rates),
-        "seconds": x.shape[0] / statistics.median(rates),
-        "cpu_seconds": statistics.median(cpus),
-        "cpu_ms_per_image": 1000 * statistics.median(cpus) / x.shape[0],
-        "repeats": rates,
-        "n": int(x.shape[0]),
+    return _rates(rates, cpus, x.shape[0]) | {
         "provider": sess.get_providers()[0],
         "threads": _threads(spec),
         "peak_rss_mb": peak_rss_mb(),
@@ -208,13 +209,7 @@ def worker_torch(spec: dict) -> dict:
             sums = one_pass()
             rates.append(x.shape[0] / (time.perf_counter() - t0))
             cpus.append(cpu_seconds() - c0)
-    return {
-        "images_per_s": statistics.median(rates),
-        "seconds": x.shape[0] / statistics.median(rates),
-        "cpu_seconds": statistics.median(cpus),
-        "cpu_ms_per_image": 1000 * statistics.median(cpus) / x.shape[0],
-        "repeats": rates,
-        "n": int(x.shape[0]),
+    return _rates(rates, cpus, x.shape[0]) | {
         "threads": torch.get_num_threads(),
         "dist": _sums_to_dist(spec["fingerprint"], sums.sums, sums.counts),
         "peak_rss_mb": peak_rss_mb(),
