@@ -84,7 +84,7 @@ def answer(dag_id: str, option: str | None, box: dict) -> threading.Thread:
             if option is None:
                 from airflow.jobs.job import Job
                 from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
-                from airflow.utils import timezone
+                from airflow.sdk import timezone
 
                 while timezone.utcnow() <= timeout_at:
                     time.sleep(0.5)

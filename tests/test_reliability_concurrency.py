@@ -147,6 +147,36 @@ def test_two_gates_inserting_the_same_tag_is_a_lost_race_not_an_error(registry, 
     check_tags_name(mv_tags(uri, "race"), runs[outcome.gate_run_id])
 
 
+def test_two_gates_setting_the_experiment_view_is_a_lost_race_not_an_error(registry, monkeypatch):
+    """The same "look up, then insert" race on the experiment's view tag (``mlflow.experimentKind``): seen in CI with
+    eight parallel gates on an experiment another gate had just created. The view is set once, at creation, and a
+    duplicate insert by a concurrent gate is accepted once the tag reads back."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri, data = registry
+    MlflowClient(uri).create_experiment("untagged-view")  # as an older gate (or a user) created it: no view tag
+    real_set = MlflowClient.set_experiment_tag
+    raised = []
+
+    def set_tag(self, experiment_id, key, value):
+        if not raised:  # the other gate inserted the tag first
+            real_set(self, experiment_id, key, value)
+            raised.append(key)
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: experiment_tags.key, experiment_tags.experiment_id",
+                error_code="BAD_REQUEST",
+            )
+        return real_set(self, experiment_id, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", set_tag)
+    outcome = run_gate(GateRequest("models:/race@champion", data[0], experiment_name="untagged-view"),
+                       client=make_client(uri))  # fmt: skip
+    assert raised == [names.EXPERIMENT_KIND_TAG] and outcome.decision
+    exp = MlflowClient(uri).get_experiment_by_name("untagged-view")
+    assert exp.tags[names.EXPERIMENT_KIND_TAG] == names.EXPERIMENT_KIND_ML
+
+
 def test_mapped_gate_with_map_index_0_keeps_its_own_key(registry, monkeypatch):
     """Map index 0 is a map index: its gate run key must not read as an unmapped task's (-1)."""
     from conftest import mlflow_conn

@@ -3,7 +3,8 @@
 - the incoming batch as the gate run's input dataset (``mlflow.data``: by URI and digest, the data is never copied);
 - the score logged against the model version's logged model (MLflow 3), when the version has one;
 - one self-contained HTML report per gate run (:mod:`.report`);
-- the run named ``<model>@<alias> <decision> <score>`` and the experiment shown as a classic ML experiment;
+- the run named ``<model>@<alias> <decision> <score>`` (the experiment's view is set once, when
+  :func:`~resque_airflow.registry.client.ensure_experiment` creates it);
 - when a retrain finishes, its measured cost written back onto the triggering gate run as ``measured_<cost>``,
   beside the gate's ``predicted_<cost>``, so "predicted vs measured" charts in the MLflow UI.
 """
@@ -20,8 +21,6 @@ from resque_airflow.registry.report import REPORT_ARTIFACT, render_report
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to choose the experiment's layout
-EXPERIMENT_KIND_ML = "custom_model_development"
 DATASET_CONTEXT = "gate"
 DIGEST_CHARS = 32  # MLflow's dataset digest column holds 36 characters; the full hash is the run's data_hash param
 MEASURED_PREFIX = "measured_"
@@ -47,8 +46,8 @@ def batch_dataset(data_uri: str, data_hash: str, name: str | None = None):
     return MetaDataset(source=source, name=label[:500], digest=(data_hash or "unknown")[:DIGEST_CHARS])
 
 
-def record_gate_extras(client, experiment_id: str, run_id: str, outcome: dict, version) -> None:
-    """Write the dataset input, the logged-model metric, the HTML report, the run name and the experiment's view."""
+def record_gate_extras(client, run_id: str, outcome: dict, version) -> None:
+    """Write the dataset input, the logged-model metric, the HTML report and the run name."""
     from mlflow.entities import DatasetInput, InputTag, Metric
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -65,8 +64,6 @@ def record_gate_extras(client, experiment_id: str, run_id: str, outcome: dict, v
             registry_call("linking the score to the logged model", client.log_batch, run_id, metrics=[metric])
     registry_call("storing the gate report", client.log_text, run_id, render_report(outcome), REPORT_ARTIFACT)
     registry_call("naming the gate run", client.update_run, run_id, name=gate_run_name(outcome))
-    registry_call("setting the experiment's view", client.set_experiment_tag, experiment_id, EXPERIMENT_KIND_TAG,
-                  EXPERIMENT_KIND_ML)  # fmt: skip
 
 
 def write_back_cost(client, gate_run_id: str, challenger_run_id: str, cost: dict, *, met_target: bool) -> None:

@@ -181,6 +181,9 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 def ensure_experiment(client, name: str) -> str:
     """The id of experiment ``name``, created (with :func:`artifact_location_for`) if missing.
 
+    The experiment is created with the MLflow 3 UI's view tag (:data:`~.names.EXPERIMENT_KIND_TAG`); an existing one
+    without it gets it once. Both tolerate a concurrent gate doing the same (SQLite refuses the second insert).
+
     Raises:
         ResqueInputError: ``name`` is empty, or the experiment was deleted (MLflow keeps a deleted experiment's
             name: it must be restored or purged, or another name given).
@@ -188,15 +191,18 @@ def ensure_experiment(client, name: str) -> str:
     """
     from mlflow.exceptions import MlflowException
 
+    from resque_airflow.registry.names import DEFAULT_EXPERIMENT, EXPERIMENT_KIND_ML, EXPERIMENT_KIND_TAG
+
     if not name or not str(name).strip():
         raise ResqueInputError(f"experiment: the MLflow experiment name is empty ({name!r}); give one, e.g. "
-                               f"{names_default()!r}")  # fmt: skip
+                               f"{DEFAULT_EXPERIMENT!r}")  # fmt: skip
     exp = registry_call(f"reading experiment {name!r}", client.get_experiment_by_name, name)
     if exp is None:
         try:
             return registry_call(f"creating experiment {name!r}", client.create_experiment, name,
-                                 artifact_location=artifact_location_for(client.tracking_uri))  # fmt: skip
-        except MlflowException:  # created concurrently by another gate
+                                 artifact_location=artifact_location_for(client.tracking_uri),
+                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_ML})  # fmt: skip
+        except (MlflowException, RegistryError):  # created concurrently by another gate
             exp = registry_call(f"reading experiment {name!r}", client.get_experiment_by_name, name)
             if exp is None:
                 raise
@@ -206,13 +212,15 @@ def ensure_experiment(client, name: str) -> str:
             f"(mlflow experiments restore --experiment-id {exp.experiment_id}), purge it (mlflow gc), or give "
             "another experiment name"
         )
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        try:
+            registry_call("setting the experiment's view", client.set_experiment_tag, exp.experiment_id,
+                          EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML)  # fmt: skip
+        except RegistryError:  # set concurrently by another gate (a duplicate insert): fine if the tag is there now
+            again = registry_call(f"reading experiment {name!r}", client.get_experiment_by_name, name)
+            if again is None or EXPERIMENT_KIND_TAG not in (again.tags or {}):
+                raise
     return exp.experiment_id
-
-
-def names_default() -> str:
-    from resque_airflow.registry.names import DEFAULT_EXPERIMENT
-
-    return DEFAULT_EXPERIMENT
 
 
 @dataclass(frozen=True)

@@ -420,7 +420,7 @@ def _write_result(gate: _Gate, result: pipeline.ScoreResult, outcome: GateOutcom
     registry_call("storing the gate result", client.log_dict, run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT)
     from resque_airflow.registry.audit_loop import record_gate_extras  # dataset input, report, run name, view
 
-    record_gate_extras(client, gate.exp_id, run_id, outcome.to_dict(), gate.version)
+    record_gate_extras(client, run_id, outcome.to_dict(), gate.version)
     registry_call("marking the gate run decided", client.set_tag, run_id, names.STATUS_TAG, names.STATUS_DECIDED)
     registry_call("closing the gate run", client.set_terminated, run_id, "FINISHED", end_time=stamp)
     return stamp

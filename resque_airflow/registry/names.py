@@ -29,6 +29,8 @@ DEFAULT_EXPERIMENT = "resque-gate"
 RETRAIN_EXPERIMENT = "resque-retrain"
 MODELS_EXPERIMENT = "resque-models"  # where published versions' runs go
 GATE_RUN_NAME = "resque-gate"  # the MLflow run name of every gate run
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to choose the experiment's layout
+EXPERIMENT_KIND_ML = "custom_model_development"
 
 # Tags on gate runs.
 GATE_KEY_TAG = "resque.gate_key"  # dag_id/run_id/task_id/map_index: one gate run per Airflow task instance
