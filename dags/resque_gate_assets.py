@@ -17,6 +17,7 @@ is fixed when the DAG is parsed; a run param cannot move a task to another queue
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pendulum
 from airflow.providers.standard.operators.empty import EmptyOperator
@@ -66,13 +67,13 @@ def resque_gate_assets():
         task_id="check_cost",
         gate_result=gate.output,
         max_cost="{{ params.max_cost }}",
-        approve_rebuilds=True,
+        approve_rebuilds="{{ params.approve_rebuilds }}",
         approval_task_id="approve",
         proceed_task_id="within_budget",
     )
     within_budget = EmptyOperator(task_id="within_budget")
     approve = ResqueApprovalOperator(
-        task_id="approve", gate_result=gate.output, response_timeout=pendulum.duration(hours=APPROVAL_HOURS)
+        task_id="approve", gate_result=gate.output, response_timeout=timedelta(hours=APPROVAL_HOURS)
     )
     request = ResqueRetrainRequestOperator(
         task_id="request_retrain",

@@ -64,31 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     step(f"Airflow metadata DB in {env['AIRFLOW_HOME']} (airflow db migrate)")
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
 
-    import torch
-
     from resque_airflow.examples import digits
-    from resque_airflow.registry.publish import publish_model
-    from resque_airflow.runtime.export import export_torch
 
     step("Training the production CNN on scikit-learn's handwritten digits")
-    splits = digits.load_digits_splits(seed=0)
-    model = digits.make_model(seed=TRAIN["seed"])
-    model, cost = digits.train_model(
-        model, splits.train.x, splits.train.y, **TRAIN, heldout_x=splits.heldout.x, heldout_y=splits.heldout.y
-    )
-    print(f"    held-out accuracy {cost.final_accuracy:.3f}, {cost.wall_s:.1f} s, {cost.energy_kwh:.2e} kWh")
     data = home / "data"
-    onnx_path = export_torch(model, torch.from_numpy(splits.train.x[:2]), data / "champion.onnx",
-                             layer=digits.REPRESENTATION_LAYER).path  # fmt: skip
-    torch.save(model.state_dict(), data / "champion.pt")
-    ref = digits.write_npz(data / "reference.npz", splits.reference.x, splits.reference.y)
-
-    step(f"Publishing {MODEL_NAME}@champion with its fingerprint to {env['RESQUE_DEMO_TRACKING_URI']}")
-    published = publish_model(
-        tracking_uri=env["RESQUE_DEMO_TRACKING_URI"], name=MODEL_NAME, model_path=onnx_path, reference=str(ref),
-        weights_path=data / "champion.pt", torch_factory="resque_airflow.examples.digits:make_model",
-        training_cost=cost.to_metrics(),
-    )  # fmt: skip
+    splits, published = publish_champion(env["RESQUE_DEMO_TRACKING_URI"], data, say=step)
     print(f"    version {published.version}, reference accuracy {published.reference_accuracy:.3f}")
 
     from resque_airflow.registry.client import make_client
@@ -118,6 +98,38 @@ def main(argv: list[str] | None = None) -> int:
     print("and the gate history with:")
     print(f"    resque audit --model {MODEL_NAME} --tracking-uri {env['RESQUE_DEMO_TRACKING_URI']}")
     return 0
+
+
+def publish_champion(tracking_uri: str, data: Path, say=print):
+    """Train the digits CNN as the evidence benchmark does and publish it as ``digits-cnn@champion``.
+
+    Writes ``champion.onnx``, ``champion.pt`` and ``reference.npz`` under ``data``; the version carries its
+    fingerprint, weights, torch factory and training cost, so the example DAGs can gate and retrain it.
+    Returns ``(splits, published)``: the digits splits and :class:`~resque_airflow.registry.publish.Published`.
+    """
+    import torch
+
+    from resque_airflow.examples import digits
+    from resque_airflow.registry.publish import publish_model
+    from resque_airflow.runtime.export import export_torch
+
+    splits = digits.load_digits_splits(seed=0)
+    model = digits.make_model(seed=TRAIN["seed"])
+    model, cost = digits.train_model(
+        model, splits.train.x, splits.train.y, **TRAIN, heldout_x=splits.heldout.x, heldout_y=splits.heldout.y
+    )
+    print(f"    held-out accuracy {cost.final_accuracy:.3f}, {cost.wall_s:.1f} s, {cost.energy_kwh:.2e} kWh")
+    onnx_path = export_torch(model, torch.from_numpy(splits.train.x[:2]), data / "champion.onnx",
+                             layer=digits.REPRESENTATION_LAYER).path  # fmt: skip
+    torch.save(model.state_dict(), data / "champion.pt")
+    ref = digits.write_npz(data / "reference.npz", splits.reference.x, splits.reference.y)
+    say(f"Publishing {MODEL_NAME}@champion with its fingerprint to {tracking_uri}")
+    published = publish_model(
+        tracking_uri=tracking_uri, name=MODEL_NAME, model_path=onnx_path, reference=str(ref),
+        weights_path=data / "champion.pt", torch_factory="resque_airflow.examples.digits:make_model",
+        training_cost=cost.to_metrics(),
+    )  # fmt: skip
+    return splits, published
 
 
 def _row(client, name: str, returncode: int) -> dict:

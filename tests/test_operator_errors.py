@@ -9,7 +9,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundExceptio
 
 from resque_airflow.errors import NotRegisteredError, RegistryError, ResqueInputError
 from resque_airflow.operators.errors import ResqueBadInputError, ResqueGateError, reported_to_airflow
-from resque_airflow.operators.gate import _number
+from resque_airflow.operators.params import number as _number
 from resque_airflow.registry import gate
 
 WHERE = {"model_uri": "models:/cnn@champion", "experiment": "resque-gate", "gate_key": "d/r/gate/-1",

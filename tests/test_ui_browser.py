@@ -391,7 +391,7 @@ def test_plugin_fields() -> None:
 
     plugin = ResquePlugin()
     assert plugin.name == "resque"
-    nav, dag_run, task_instance = plugin.external_views
+    nav, full_page, dag_run, task_instance = plugin.external_views
     assert nav == {
         "name": "RESQUE audit",
         "href": "resque/",
@@ -399,6 +399,8 @@ def test_plugin_fields() -> None:
         "destination": "nav",
         "category": "browse",
     }
+    # outside Airflow's sandboxed iframe (no url_route: a link that opens a tab), where MLflow links can open
+    assert full_page["href"] == nav["href"] and "url_route" not in full_page and full_page["destination"] == "nav"
     assert dag_run["destination"] == "dag_run" and task_instance["destination"] == "task_instance"
     assert dag_run["href"] == "resque/airflow?dag_id={DAG_ID}&run_id={RUN_ID}"
     assert task_instance["href"].endswith("&task_id={TASK_ID}&map_index={MAP_INDEX}")

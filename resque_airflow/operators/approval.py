@@ -23,6 +23,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseBranchOperator
 
 from resque_airflow.operators.errors import ResqueBadInputError, reported_to_airflow
+from resque_airflow.operators.params import flag, number
 
 if TYPE_CHECKING:
     from airflow.sdk.definitions.context import Context
@@ -61,10 +62,10 @@ class ResqueBudgetOperator(BaseBranchOperator):
     :param approval_task_id: the approval task (a :class:`ResqueApprovalOperator`).
     :param proceed_task_id: the task followed without approval (e.g. an ``EmptyOperator``).
     :param max_cost: budget in the forecast's unit (``steps_to_target``); None: no budget. (templated)
-    :param approve_rebuilds: ask a person for every rebuild, whatever its forecast.
+    :param approve_rebuilds: ask a person for every rebuild, whatever its forecast. (templated)
     """
 
-    template_fields: Sequence[str] = ("gate_result", "max_cost")
+    template_fields: Sequence[str] = ("gate_result", "max_cost", "approve_rebuilds")
     ui_color = "#f0e0c0"
 
     def __init__(
@@ -74,7 +75,7 @@ class ResqueBudgetOperator(BaseBranchOperator):
         approval_task_id: str,
         proceed_task_id: str,
         max_cost: float | str | None = None,
-        approve_rebuilds: bool = True,
+        approve_rebuilds: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -85,10 +86,9 @@ class ResqueBudgetOperator(BaseBranchOperator):
         self.approve_rebuilds = approve_rebuilds
 
     def choose_branch(self, context: Context) -> str:
-        from resque_airflow.operators.gate import _number
-
         result = _check_result(self.gate_result)
-        ask, why = needs_approval(result, _number("max_cost", self.max_cost), self.approve_rebuilds)
+        budget, every_rebuild = number("max_cost", self.max_cost), flag("approve_rebuilds", self.approve_rebuilds)
+        ask, why = needs_approval(result, budget, every_rebuild)
         self.log.info("%s of %s: %s -> %s", result["decision"], result.get("model_name"), why,
                       "ask for approval" if ask else "proceed")  # fmt: skip
         return self.approval_task_id if ask else self.proceed_task_id
@@ -123,7 +123,8 @@ class ResqueApprovalOperator(ApprovalOperator):
     """Ask a person to approve the gate's retrain or rebuild; on Reject or timeout the champion is kept.
 
     :param gate_result: the gate's result, usually ``gate.output``. (templated)
-    :param response_timeout: how long to wait for an answer (then "Reject" is taken). Default 24 hours.
+    :param response_timeout: how long to wait for an answer (then "Reject" is taken). Default 24 hours. Any
+        ``timedelta`` (pendulum's ``Duration`` included) is stored as a plain ``timedelta``.
     :param mlflow_conn_id: connection used to record the answer on the gate run.
 
     Other ``ApprovalOperator`` arguments (``assigned_users``, ``notifiers``, ...) pass through; ``subject``
@@ -142,6 +143,10 @@ class ResqueApprovalOperator(ApprovalOperator):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("defaults", ApprovalOperator.REJECT)
+        if response_timeout is not None:
+            # A plain timedelta: under a real scheduler the task reports it to its supervisor through msgpack, which
+            # refuses subclasses such as pendulum's Duration (the task then fails; dag.test() does not show it).
+            response_timeout = timedelta(seconds=response_timeout.total_seconds())
         super().__init__(subject=subject or "Approve the RESQUE gate's retraining?",
                          response_timeout=response_timeout, **kwargs)  # fmt: skip
         self.gate_result = gate_result

@@ -19,6 +19,7 @@ from resque_airflow.operators.links import (
     ResqueModelVersionLink,
     record_links,
 )
+from resque_airflow.operators.params import number
 from resque_airflow.registry.client import ModelRef
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class ResqueChallengerOperator(BaseOperator):
             hook.configure_credentials()  # train_challenger builds its clients from the URIs
             result = train_challenger(
                 tracking_uri=hook.tracking_uri, registry_uri=hook.registry_uri, gate_result=gate,
-                data_uri=str(data), fresh=fresh, max_epochs=_number("max_epochs", self.max_epochs),
+                data_uri=str(data), fresh=fresh, max_epochs=number("max_epochs", self.max_epochs),
                 country_iso_code=self.country_iso_code, alias=self.alias,
             )  # fmt: skip
         record_links(self, hook, hook.get_client(), run_id=result["run_id"],
@@ -137,18 +138,6 @@ class ResqueReuseOperator(BaseOperator):
         with reported_to_airflow("reuse", model_uri=_gated_uri(gate), connection=self.mlflow_conn_id):
             record_action(MlflowHook(self.mlflow_conn_id).get_client(), gate["gate_run_id"], names.ACTION_REUSED)
         return {"kind": "reuse", "gate_run_id": gate["gate_run_id"], "model_version": gate["model_version"]}
-
-
-def _number(name: str, value: object) -> object:
-    """A templated number: rendered as text without ``render_template_as_native_obj``, a number with it."""
-    if not isinstance(value, str):
-        return value
-    from resque_airflow.errors import ResqueInputError
-
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ResqueInputError(f"{name}: expected a number, got {value!r}") from exc
 
 
 class ResquePromoteOperator(BaseOperator):
@@ -196,13 +185,13 @@ class ResquePromoteOperator(BaseOperator):
             raise ResqueBadInputError(f"challenger: expected the challenger task's result, got {ch!r}")
         if not ch.get("alias"):
             raise AirflowSkipException(f"no challenger to promote: version {ch['version']} missed its target")
-        floor = _number("min_accuracy", self.min_accuracy) if self.min_accuracy not in (None, "None", "") else None
+        floor = number("min_accuracy", self.min_accuracy)
         with reported_to_airflow("promotion", model_uri=f"models:/{ch['model_name']}@{ch['alias']}",
                                  connection=self.mlflow_conn_id):  # fmt: skip
             return promote_challenger(
                 MlflowHook(self.mlflow_conn_id).get_client(), ch["model_name"], data_uri=ch["data_uri"],
                 heldout_fraction=ch.get("heldout_fraction", 0.25), seed=ch.get("seed", 0),
                 champion_alias=self.champion_alias, challenger_alias=ch["alias"],
-                min_absolute_change=float(_number("min_absolute_change", self.min_absolute_change)),
+                min_absolute_change=float(number("min_absolute_change", self.min_absolute_change) or 0.0),
                 min_accuracy=floor, gate_run_id=ch.get("gate_run_id"),
             )  # fmt: skip

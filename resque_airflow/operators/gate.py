@@ -14,6 +14,7 @@ from airflow.sdk import BaseBranchOperator
 
 from resque_airflow.operators.errors import ResqueBadInputError, ResqueGateError, reported_to_airflow
 from resque_airflow.operators.links import GATE_RUN, ResqueGateRunLink, ResqueModelVersionLink, record_links
+from resque_airflow.operators.params import number
 from resque_airflow.registry.client import ModelRef
 
 if TYPE_CHECKING:
@@ -178,12 +179,12 @@ class ResqueGateOperator(BaseBranchOperator):
 
         return GateRequest(
             model_uri=self.model_uri, data=str(self.data), mode=self.mode, label_source=self.labels, layer=self.layer,
-            provider=self.provider, reuse_threshold=_number("reuse_threshold", self.reuse_threshold),
-            rebuild_threshold=_number("rebuild_threshold", self.rebuild_threshold),
+            provider=self.provider, reuse_threshold=number("reuse_threshold", self.reuse_threshold),
+            rebuild_threshold=number("rebuild_threshold", self.rebuild_threshold),
             experiment_name=self.experiment_name, batch_size=self.batch_size,
             shard_summaries=None if self.shard_summaries is None else [str(u) for u in self.shard_summaries],
-            alpha=_number("alpha", self.alpha), price_per_kwh=_number("price_per_kwh", self.price_per_kwh),
-            value_per_accuracy_point=_number("value_per_accuracy_point", self.value_per_accuracy_point),
+            alpha=number("alpha", self.alpha), price_per_kwh=number("price_per_kwh", self.price_per_kwh),
+            value_per_accuracy_point=number("value_per_accuracy_point", self.value_per_accuracy_point),
         )  # fmt: skip
 
     def execute(self, context: Context) -> dict:
@@ -201,24 +202,6 @@ class ResqueGateOperator(BaseBranchOperator):
 
 def _ids(target: str | Iterable[str]) -> list[str]:
     return [target] if isinstance(target, str) else list(target)
-
-
-def _number(name: str, value: object) -> float | None:
-    """A numeric argument as the gate takes it: a number, or None when unset.
-
-    Without ``render_template_as_native_obj`` a templated number renders as text: ``"0.2"``, or ``"None"`` (and
-    ``""``) for a param left unset. The gate checks the range.
-    """
-    from resque_airflow.errors import ResqueInputError
-
-    if not isinstance(value, str):
-        return value
-    if value.strip() in ("", "None"):
-        return None
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ResqueInputError(f"{name}: expected a number, got {value!r}") from exc
 
 
 def _origin(ti) -> Origin:

@@ -5,8 +5,9 @@ Airflow 3 (3.1+) plugin interface:
 - ``fastapi_apps``: the app of :mod:`resque_airflow.ui.app`, mounted by the API server under ``/resque``;
 - ``external_views``: the nav entry "RESQUE audit" (category "browse"), which embeds ``resque/`` in the Airflow UI
   (``url_route`` set: an iframe at ``<airflow>/plugin/resque-audit``; ``href`` is relative to the UI's base URL),
-  and two tabs, "RESQUE gate", on every DAG run page (``destination="dag_run"``) and task instance page
-  (``destination="task_instance"``): Airflow 3.1+ fills ``{DAG_ID}``, ``{RUN_ID}``, ``{TASK_ID}`` and
+  "RESQUE audit (new tab)", the same page outside the iframe (where links to MLflow open: the iframe is sandboxed
+  without ``allow-popups``), and two tabs, "RESQUE gate", on every DAG run page (``destination="dag_run"``) and
+  task instance page (``destination="task_instance"``): Airflow 3.1+ fills ``{DAG_ID}``, ``{RUN_ID}``, ``{TASK_ID}`` and
   ``{MAP_INDEX}`` in their ``href``, and the app's ``/airflow`` page opens the gate run of that DAG run or task
   instance (read from the gate run's ``airflow_*`` params and ``resque.gate_key`` tag).
 
@@ -55,6 +56,15 @@ EXTERNAL_VIEW: dict[str, Any] = {
     "name": APP_NAME,
     "href": URL_PREFIX.lstrip("/") + "/",
     "url_route": "resque-audit",
+    "destination": "nav",
+    "category": "browse",
+}
+
+#: The same page as a plain link (no ``url_route``: Airflow opens it in a new tab, outside its iframe). Airflow's
+#: iframe is sandboxed without ``allow-popups``, so run links to MLflow cannot open from inside it; here they do.
+FULL_PAGE_VIEW: dict[str, Any] = {
+    "name": APP_NAME + " (new tab)",
+    "href": URL_PREFIX.lstrip("/") + "/",
     "destination": "nav",
     "category": "browse",
 }
@@ -149,7 +159,7 @@ class ResquePlugin(AirflowPlugin):
     """RESQUE audit view: FastAPI app under ``/resque`` and a nav entry "RESQUE audit" in the Airflow UI."""
 
     name = PLUGIN_NAME
-    external_views = [EXTERNAL_VIEW, DAG_RUN_VIEW, TASK_INSTANCE_VIEW]  # noqa: RUF012 - Airflow's plugin interface is class attributes
+    external_views = [EXTERNAL_VIEW, FULL_PAGE_VIEW, DAG_RUN_VIEW, TASK_INSTANCE_VIEW]  # noqa: RUF012 - Airflow's plugin interface is class attributes
 
     @property
     def fastapi_apps(self) -> list[dict[str, Any]]:  # type: ignore[override]
