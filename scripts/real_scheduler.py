@@ -164,6 +164,15 @@ class Api:
         except urllib.error.HTTPError as exc:
             raise CheckFailed(f"{method} {path}: HTTP {exc.code} {exc.read()[:400]!r}") from exc
 
+    def page(self, path: str) -> tuple[str, str]:
+        """An HTML page of the API server (redirects followed, token sent): ``(final URL, text)``."""
+        req = urllib.request.Request(f"{self.base}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.geturl(), r.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            raise CheckFailed(f"GET {path}: HTTP {exc.code} {exc.read()[:400]!r}") from exc
+
     def get(self, path: str) -> dict:
         return self._call("GET", f"/api/v2{path}")
 
@@ -227,6 +236,17 @@ def check_links(api: Api, dag_id: str, run_id: str, task_id: str, mlflow_url: st
     return named
 
 
+def check_audit_views(api: Api, run_id: str, gate_run_id: str) -> None:
+    """The plugin as the live API server serves it: its views listed, and the task-instance tab's page showing the
+    gate run of this task instance (``/resque/airflow?...`` redirects to the model page with the run selected)."""
+    plugins = {p["name"]: p for p in api.get("/plugins")["plugins"]}
+    views = [v["name"] for v in plugins.get("resque", {}).get("external_views", [])]
+    check(len(views) == 4, f"the API server lists the resque plugin's views ({views})")
+    url, text = api.page(f"/resque/airflow?dag_id=resque_gate&run_id={quote(run_id)}&task_id=gate&map_index=-1")
+    check("/resque/models/digits-cnn" in url and gate_run_id in text,
+          f"the task instance's RESQUE tab opens its gate run ({urlsplit(url).path})")  # fmt: skip
+
+
 def gate_on_clean_batch(api: Api, stack: Stack, data: Path, client) -> dict:
     say("1. resque_gate on a clean batch (REST trigger)")
     run_id = api.trigger("resque_gate", {"model_name": "digits-cnn", "data_uri": str(data / "clean.npz")})
@@ -240,6 +260,7 @@ def gate_on_clean_batch(api: Api, stack: Stack, data: Path, client) -> dict:
     check(run.info.status == "FINISHED" and run.data.tags.get("resque.decision") == result["decision"],
           f"the MLflow gate run {run.info.run_id} is FINISHED with decision {result['decision']!r}")  # fmt: skip
     links = check_links(api, "resque_gate", run_id, "gate", stack.mlflow_url)
+    check_audit_views(api, run_id, result["gate_run_id"])
     say(f"  decision {result['decision']} (score {result['score']:.4f}), branch {ran[0]}: {result.get('reason')}")
     return {"dag_run_id": run_id, "states": states, "decision": result["decision"], "score": result["score"],
             "branch": ran[0], "gate_run_id": result["gate_run_id"], "links": links}  # fmt: skip
