@@ -42,3 +42,17 @@ def test_approval_timeout_is_a_plain_timedelta():
     op = ResqueApprovalOperator(task_id="approve", gate_result={}, response_timeout=pendulum.duration(hours=2))
     assert type(op.response_timeout) is timedelta and op.response_timeout == timedelta(hours=2)
     encoder.encode(op.response_timeout)  # what the supervisor is sent: accepted
+
+
+def test_task_log_progress_says_a_percentage_from_the_first_batch(caplog):
+    """A 359-sample .npz in batches of 256: the log says 70% then 100% (it used to say "256 samples" only)."""
+    import logging
+
+    from resque_airflow.operators.gate import _LogProgress
+
+    progress = _LogProgress()
+    with caplog.at_level(logging.INFO, logger="resque_airflow.operators.gate"):
+        progress(256, 359)
+        progress(359, 359)
+    assert [r.getMessage() for r in caplog.records] == ["scoring: 70% (256 / 359 samples)",
+                                                         "scoring: 100% (359 / 359 samples)"]  # fmt: skip

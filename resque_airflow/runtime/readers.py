@@ -35,6 +35,7 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 TABLE_SUFFIXES = (".parquet", ".pq", ".jsonl")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
+COUNT_MAX_FILES = 1000  # above this many shards the row count is not worth one extra header read each
 
 
 @dataclass
@@ -206,7 +207,23 @@ class DataSource:
                 return sum(pq.ParquetFile(self.fs.open(f)).metadata.num_rows for f in self.files)
             except Exception:
                 return None
+        if self.kind in ("npy", "npz") and len(self.files) <= COUNT_MAX_FILES:
+            try:  # the .npy headers only (a few hundred bytes each): progress can then say a percentage
+                return sum(self._rows(f) for f in self.files)
+            except (ResqueInputError, OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+                return None  # the pass itself reports what is wrong with the file
         return None
+
+    def _rows(self, path: str) -> int:
+        """Rows of the model's first array in ``path``, from its ``.npy`` header."""
+        with self._open(path) as f:
+            if self.kind == "npy":
+                return arrays.NpyStream(f, os.path.getsize(path) if self._local else self.fs.size(path), path).rows
+            with zipfile.ZipFile(f) as zf:
+                members = arrays.npz_members(zf)
+                info = members[self._npz_arrays(path, sorted(members))[0]]
+                with zf.open(info) as member:
+                    return arrays.NpyStream(member, info.file_size, f"{path}: {info.filename}").rows
 
     # Iteration -------------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
