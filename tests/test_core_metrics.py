@@ -144,3 +144,20 @@ def test_summary_merge_and_signals():
     assert sig["mmd"] > 0 and 0 < sig["ks"] <= 1
     assert sig["resque_dist"] == pytest.approx(sig["resque_dist_predicted"])  # labels == predictions here
     assert sig["separability"] is not None
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_ks_mean_equals_scipy_per_feature(ties):
+    """The vectorised statistic equals scipy's ks_2samp feature by feature, with ties (ReLU zeros, rounding)."""
+    from scipy.stats import ks_2samp
+
+    from resque_airflow.core.metrics import ks_mean
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(0.0, 1.0, (300, 24))
+    b = rng.normal(0.2, 1.3, (170, 24))
+    if ties:
+        a, b = np.maximum(np.round(a, 1), 0.0), np.maximum(np.round(b, 1), 0.0)
+    expected = np.mean([ks_2samp(a[:, j], b[:, j]).statistic for j in range(a.shape[1])])
+    assert ks_mean(a, b) == pytest.approx(expected, abs=1e-12)
+    assert ks_mean(a, a) == 0.0

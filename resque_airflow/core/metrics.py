@@ -170,14 +170,27 @@ def mmd_linear(reference_mean: np.ndarray, new_mean: np.ndarray) -> float:
 def ks_mean(reference_sample: np.ndarray, new_sample: np.ndarray) -> float:
     """Mean over features of the two-sample Kolmogorov-Smirnov statistic, in [0, 1].
 
+    The statistic of ``scipy.stats.ks_2samp`` (two-sided ``D``, ties handled as it does), for all ``D`` features at
+    once: one sort of the stacked samples per feature instead of a Python loop over them (``tests`` compare it with
+    scipy's).
+
     Args:
         reference_sample: ``(M, D)`` features kept in the fingerprint.
         new_sample: ``(N, D)`` features of the new data (or a bounded sample of them).
-    """
-    from scipy.stats import ks_2samp
 
+    >>> a = np.array([[0.0], [1.0], [2.0]]); b = np.array([[1.5], [2.5]])
+    >>> ks_mean(a, b)  # the empirical CDFs differ most just below 1.5: 2/3 against 0
+    0.6666666666666666
+    """
     a = check_features(reference_sample, what="reference feature sample")
     b = check_features(new_sample, a.shape[1], what="new feature sample")
-    if a.shape[0] == 0 or b.shape[0] == 0:
+    m, n = a.shape[0], b.shape[0]
+    if m == 0 or n == 0:
         raise ResqueInputError("ks_mean: both samples need at least one row")
-    return float(np.mean(ks_2samp(a, b, axis=0).statistic))
+    z = np.ascontiguousarray(np.concatenate([a, b]).T)  # (D, M + N): each feature's values contiguous, to sort
+    order = np.argsort(z, axis=1, kind="stable")
+    # Each sorted value moves F_a up by 1/m or F_b by 1/n; in units of 1/(m n) the running gap is an exact integer.
+    gap = np.cumsum(np.where(order < m, n, -m), axis=1)  # (F_a - F_b) * m * n after each value
+    zs = np.take_along_axis(z, order, axis=1)
+    gap[:, :-1][zs[:, 1:] == zs[:, :-1]] = 0  # compare the CDFs only once all equal values are counted
+    return float(np.mean(np.abs(gap).max(axis=1)) / (m * n))
