@@ -6,7 +6,8 @@
 
 Every variable that .env.example leaves empty and marks `# required` gets a fresh random value: 64 hex digits
 (they go into database and broker URLs, a command line and a JSON connection unquoted, so no character may need
-escaping or start an option) and a Fernet key for AIRFLOW_FERNET_KEY. AIRFLOW_UID becomes your user id on Linux. Nothing is printed but the path.
+escaping or start an option) and a Fernet key for AIRFLOW_FERNET_KEY. AIRFLOW_UID becomes your user id on Linux.
+Nothing is printed but the path.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ SCORE_METRIC = "resque_score"
 # Calibration metrics of a dist-mode gate run: the score's interval, its null at this batch size, the accuracy.
 CALIBRATION_METRICS = (
     "resque_score_low", "resque_score_high", "null_quantile", "p_value", "shift_detected", "accuracy_measured",
-    "accuracy_measured_low", "accuracy_measured_high", "accuracy_estimated", "accuracy_estimated_low", "accuracy_estimated_high", "excess", "accuracy_drop_relative",
+    "accuracy_measured_low", "accuracy_measured_high", "accuracy_estimated", "accuracy_estimated_low",
+    "accuracy_estimated_high", "excess", "accuracy_drop_relative",
 )  # fmt: skip
 ANGLE_METRIC_PREFIX = "angle_class_"  # + class index: the per-class angle (also in GATE_RESULT_ARTIFACT)
 SIGNAL_METRICS = (
