@@ -88,13 +88,15 @@ class ReplicateSums(Mergeable):
         if x.shape[0] == 0:
             return self
         y = np.zeros(x.shape[0], np.int64) if labels is None else check_labels(labels, self.num_classes, x.shape[0])
-        w = poisson_weights(x, self.replicates, self.seed)
-        # One GEMM for every (replicate, class) pair: rows of (w[:, b] * onehot[:, k]) against the features.
-        onehot = np.zeros((x.shape[0], self.num_classes))
-        onehot[np.arange(x.shape[0]), y] = 1.0
-        wk = (w[:, :, None] * onehot[:, None, :]).reshape(x.shape[0], -1)  # (N, B*K)
-        self.sums += (wk.T @ x.astype(np.float64, copy=False)).reshape(self.sums.shape)
-        self.weights += wk.sum(axis=0).reshape(self.weights.shape)
+        w = poisson_weights(x, self.replicates, self.seed)  # (N, B)
+        x64 = x.astype(np.float64, copy=False)
+        # One (B, n_k) x (n_k, D) GEMM per class present: B * N * D multiply-adds in all, where a single GEMM against
+        # one-hot-weighted rows would spend K times that on zeros.
+        for k in np.unique(y):
+            rows = y == k
+            wk = w[rows]
+            self.sums[:, k, :] += wk.T @ x64[rows]
+            self.weights[:, k] += wk.sum(axis=0)
         return self
 
     def replicate(self, b: int) -> ClassSums:
