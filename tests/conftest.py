@@ -23,6 +23,9 @@ os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME}/airflow.db"
+# The exposed-model cache (runtime/exposed.py) of the whole run, out of the user's home; tests of the cache itself
+# point RESQUE_CACHE_DIR at their own folder.
+os.environ["RESQUE_CACHE_DIR"] = tempfile.mkdtemp(prefix="resque-cache-")
 
 
 @pytest.fixture(scope="session")

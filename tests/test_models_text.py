@@ -148,7 +148,7 @@ def test_cls_pooling_takes_the_first_token(text):
 
 
 def test_auto_layer_on_a_transformer_is_explained(text, caplog, capsys):
-    caplog.set_level(logging.INFO, logger="resque_airflow.runtime.graph")
+    caplog.set_level(logging.INFO, logger="resque_airflow.runtime.embed")
     emb = Embedder((text / "bert-auto.onnx").read_bytes(), provider="cpu")
     line = next(r.message for r in caplog.records if r.message.startswith("representation:"))
     # The classifier reads BERT's pooler (tanh of the [CLS] token's state): that is the auto choice, (N, 32).

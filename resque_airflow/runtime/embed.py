@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -12,8 +13,9 @@ import numpy as np
 
 from resque_airflow.core.fingerprint import TensorSpec
 from resque_airflow.errors import ModelError, first_line
+from resque_airflow.runtime import exposed as exposed_cache
+from resque_airflow.runtime.exposed import ExposedModel
 from resque_airflow.runtime.feed import main_input, model_inputs, prepare
-from resque_airflow.runtime.graph import ExposedModel, expose_layer, load_model
 from resque_airflow.runtime.readers import Batch
 from resque_airflow.runtime.session import Session, create_session
 
@@ -91,6 +93,8 @@ class Embedder:
             :func:`~resque_airflow.runtime.graph.resolve_pooling`).
         provider: ``"auto"``, ``"cuda"`` or ``"cpu"``.
         threads: intra-op threads (None: one per physical core available to the process).
+        model_sha256: the sha256 of ``model``; when given, the graph edit is read from and written to the
+            exposed-model cache (:mod:`~resque_airflow.runtime.exposed`), so a model seen before skips it.
     """
 
     def __init__(
@@ -101,9 +105,11 @@ class Embedder:
         pooling: str = "auto",
         provider: str = "auto",
         threads: int | None = None,
+        model_sha256: str | None = None,
     ):
-        self.exposed: ExposedModel = expose_layer(load_model(model), layer, pooling)
-        self.session: Session = create_session(self.exposed.model.SerializeToString(), provider, threads=threads)
+        self.exposed: ExposedModel
+        self.session: Session = self._open(model, layer, pooling, provider, threads, model_sha256)
+        log.info("%s", self.exposed.describe())
         self.inputs: list[TensorSpec] = model_inputs(self.session.session)
         main = main_input(self.inputs)
         self.input_name: str = main.name
@@ -117,6 +123,31 @@ class Embedder:
         if self.session.provider == "cuda":
             opts = self.session.session.get_provider_options().get("CUDAExecutionProvider", {})
             self._device_id = int(opts.get("device_id", 0) or 0)
+
+    def _open(
+        self, model: bytes, layer: str, pooling: str, provider: str, threads: int | None, sha256: str | None
+    ) -> Session:
+        """The session over the exposed model: from the cache when it holds this edit, else edited here (and cached).
+
+        Neither the ``onnx`` graph nor its serialised bytes are kept: ONNX Runtime holds its own copy of the
+        weights, and a second one through the pass would only raise the peak memory.
+        """
+        hit = exposed_cache.lookup(sha256, layer, pooling) if sha256 else None
+        if hit is not None:
+            path, self.exposed = hit
+            try:
+                return create_session(str(path), provider, threads=threads)
+            except ModelError:
+                exposed_cache.forget(path)
+        from resque_airflow.runtime.graph import expose_layer, load_model  # imports onnx: only for a new edit
+
+        full = expose_layer(load_model(model), layer, pooling)
+        edited = full.model.SerializeToString()
+        self.exposed = dataclasses.replace(full, model=None)
+        del full
+        if sha256:
+            exposed_cache.store(sha256, layer, pooling, edited, self.exposed)
+        return create_session(edited, provider, threads=threads)
 
     @property
     def provider(self) -> str:

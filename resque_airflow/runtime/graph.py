@@ -7,14 +7,12 @@ exactly the original model's. Which tensor, which layout and which output carrie
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from resque_airflow.errors import ModelError
+from resque_airflow.runtime.exposed import ExposedModel
 from resque_airflow.runtime.layers import (
     LAYER_METADATA_KEY,
     choose_layer,
@@ -30,41 +28,11 @@ from resque_airflow.runtime.layers import (
 
 __all__ = ["LAYER_METADATA_KEY", "POOLINGS", "ExposedModel", "expose_layer", "find_layer", "load_model"]
 
-log = logging.getLogger(__name__)
 
 POOLED_SUFFIX = "/resque_pooled"
 # What a user may ask for; "auto" resolves by rank and layout to one of the recorded values below it.
 POOLINGS = ("auto", "mean", "cls", "spatial", "spatial-last", "tokens", "tokens-masked", "none")
 RECORDED_POOLINGS = ("spatial", "spatial-last", "tokens", "tokens-masked", "cls", "none")
-
-
-@dataclass(frozen=True)
-class ExposedModel:
-    """A model with its representation exposed.
-
-    Attributes:
-        model: the edited graph; outputs are ``[logits_output?, pooled_output]``.
-        layer: name of the exposed tensor in the original graph; ``layer_reason`` says why it was chosen.
-        pooled_output: name of the new ``(N, D)`` output.
-        pooling: ``"spatial"`` (mean over the axes after C of a channels-first ``(N, C, ...)`` tensor),
-            ``"spatial-last"`` (mean over H, W of ``(N, H, W, C)``), ``"tokens"`` (mean over T of ``(N, T, D)``),
-            ``"tokens-masked"`` (mean over the real tokens, by the attention mask), ``"cls"`` (token 0) or
-            ``"none"`` (``(N, D)`` as is).
-        logits_output: the tensor read for predicted labels, or None; ``logits_kind`` is ``"logits"`` or
-            ``"probabilities"`` (never softmaxed again).
-        input_name: the model's first input.
-        mask_input: the attention-mask input the pooling reads, if any.
-    """
-
-    model: onnx.ModelProto
-    layer: str
-    pooled_output: str
-    pooling: str
-    logits_output: str | None
-    input_name: str
-    logits_kind: str = "logits"
-    layer_reason: str = ""
-    mask_input: str | None = None
 
 
 def load_model(path_or_bytes: str | bytes) -> onnx.ModelProto:
@@ -226,11 +194,6 @@ def expose_layer(model: onnx.ModelProto, layer: str = "auto", pooling: str = "au
             _, src_type = tensor_type(inferred, source.name)
             graph.output.append(helper.make_tensor_value_info(source.name, src_type or TensorProto.FLOAT, None))
     graph.output.append(helper.make_tensor_value_info(pooled, elem_type, None))
-    log.info(
-        "representation: tensor %r (%s), pooling %s (%s); class scores: %s",
-        name, choice.reason, resolved, why,
-        f"{source.name!r} as {source.kind} ({source.reason})" if source else "none (no float (N, C) output)",
-    )  # fmt: skip
     return ExposedModel(
         model=edited,
         layer=name,
@@ -241,4 +204,7 @@ def expose_layer(model: onnx.ModelProto, layer: str = "auto", pooling: str = "au
         logits_kind=source.kind if source else "logits",
         layer_reason=choice.reason,
         mask_input=mask if resolved == "tokens-masked" else None,
+        pooling_reason=why,
+        logits_reason=source.reason if source else "",
+        metadata={p.key: p.value for p in model.metadata_props},
     )

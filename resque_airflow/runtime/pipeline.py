@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -39,33 +38,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int | None], None]
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_TASK_MAX_SAMPLES = 20_000
-
-
-# What scoring imports after the pass (companion_signals: KS from scipy, k-means and ARI from scikit-learn). Cold,
-# these take ~1.5 s of one core, which the forward pass leaves partly idle; see _import_in_background.
-_SCORING_MODULES = ("scipy.stats", "sklearn.cluster", "sklearn.metrics", "sklearn.model_selection")
-
-
-def _import_in_background(modules: tuple[str, ...] = _SCORING_MODULES) -> threading.Thread:
-    """Start importing ``modules`` in a daemon thread; join it before importing any of them in the caller.
-
-    Joining first matters: two threads importing interdependent packages at once can hit the import system's
-    deadlock detection. A failed import here is ignored: the caller's own import then raises as usual.
-    """
-    import importlib
-    import sys
-
-    def work() -> None:
-        for name in modules:
-            if name not in sys.modules:
-                try:
-                    importlib.import_module(name)
-                except Exception:  # reported by the caller's own import, where it is needed
-                    return
-
-    t = threading.Thread(target=work, name="resque-imports", daemon=True)
-    t.start()
-    return t
 
 
 @dataclass
@@ -181,12 +153,13 @@ def fingerprint_model(
     from resque_airflow.runtime import preprocess
 
     model_bytes, sha = read_model(model)
-    embedder = Embedder(model_bytes, layer=layer, pooling=pooling, provider=provider)
+    embedder = Embedder(model_bytes, layer=layer, pooling=pooling, provider=provider, model_sha256=sha)
+    del model_bytes
     main = embedder.main_input
     image = None
     if len(main.shape) == 4 and np.dtype(main.dtype).kind == "f":  # an image input: its preprocessing is recorded
         path = None if isinstance(model, bytes) else model
-        image = preprocess.image_spec_for(main, image_spec, model=embedder.exposed.model, model_path=path)
+        image = preprocess.image_spec_for(main, image_spec, metadata=embedder.exposed.metadata, model_path=path)
     text = None
     if tokenizer is not None:
         from resque_airflow.runtime.tokenize import text_spec
@@ -368,14 +341,17 @@ def score_dist(
     model_bytes, sha = read_model(model, sha256=model_sha256)
     fingerprint.check_model(sha, model_ref=model_ref or str(model if not isinstance(model, bytes) else "the model"))
     check_label_source(label_source)  # before the pass, which does not depend on it: a typo fails at once
-    embedder = Embedder(model_bytes, layer=fingerprint.layer, pooling=fingerprint.pooling, provider=provider)
+    embedder = Embedder(
+        model_bytes, layer=fingerprint.layer, pooling=fingerprint.pooling, provider=provider, model_sha256=sha
+    )
     del model_bytes  # the session holds its own copy: keep the file's bytes (~45 MB for a ResNet-18) out of the peak
-    imports = _import_in_background()  # overlaps the pass, where ORT leaves a core partly idle (reads, waits)
     # summarise by its module-level name: benchmarks/throughput_workers.py times the pass by wrapping it.
     summary, stats = summarise(embedder, fingerprint, data, batch_size=batch_size, progress=progress)
-    imports.join()
+    ran_on = embedder.provider
+    # The session and its arena go before scoring imports scikit-learn (~120 MB): the two never add up in the peak.
+    del embedder
     return dist_result(
-        fingerprint, summary, label_source=label_source, provider=embedder.provider, data_uri=data,
+        fingerprint, summary, label_source=label_source, provider=ran_on, data_uri=data,
         data_hash=stats.data_hash, seconds=stats.seconds, alpha=alpha,
     )  # fmt: skip
 
@@ -399,7 +375,8 @@ def score_task(
     then a stratified subsample inside :func:`resque_task`).
     """
     model_bytes, sha = read_model(model)
-    embedder = Embedder(model_bytes, layer=layer, provider=provider)
+    embedder = Embedder(model_bytes, layer=layer, provider=provider, model_sha256=sha)
+    del model_bytes
 
     def feed(res: Reservoir, eb: EmbeddedBatch) -> Reservoir:
         if eb.labels is None:
@@ -413,6 +390,8 @@ def score_task(
         embedder, data, lambda eb: Reservoir(max_samples or np.iinfo(np.int64).max, eb.features.shape[1], seed),
         feed, batch_size=batch_size, image_spec=image_spec, progress=progress,
     )  # fmt: skip
+    ran_on, layer_used = embedder.provider, embedder.exposed.layer
+    del embedder  # the session's memory is released before k-means holds the sample
     task = resque_task(res.x, res.y, init=init, max_samples=max_samples, seed=seed)
     return ScoreResult(
         mode="task",
@@ -420,8 +399,8 @@ def score_task(
         label_source="given",
         n_samples=stats.n_samples,
         n_classes=task.num_classes,
-        provider=embedder.provider,
-        layer=embedder.exposed.layer,
+        provider=ran_on,
+        layer=layer_used,
         model_sha256=sha,
         data_uri=str(data),
         data_hash=stats.data_hash,

@@ -34,8 +34,8 @@ def guess_layout(shape: Sequence[int | None]) -> str:
     return "NCHW"
 
 
-def _declared(model, model_path: str | Path | None) -> tuple[dict, str]:
-    meta = {p.key: p.value for p in model.metadata_props} if model is not None else {}
+def _declared(metadata: Mapping[str, str] | None, model_path: str | Path | None) -> tuple[dict, str]:
+    meta = dict(metadata or {})
     if METADATA_KEY in meta:
         try:
             return dict(json.loads(meta[METADATA_KEY])), f"the model's metadata ({METADATA_KEY})"
@@ -57,14 +57,15 @@ def image_spec_for(
     main: TensorSpec | None,
     given: ImageSpec | Mapping | None = None,
     *,
-    model=None,
+    metadata: Mapping[str, str] | None = None,
     model_path: str | Path | None = None,
 ) -> ImageSpec:
     """The image spec of a model: ``given`` (a full spec, or the fields given as flags) over the declared one
-    (metadata, sidecar) over defaults read from ``main``, the model's image input."""
+    (the model's ONNX ``metadata``, then a sidecar beside ``model_path``) over defaults read from ``main``, the
+    model's image input."""
     if isinstance(given, ImageSpec):
         return given
-    declared, where = _declared(model, model_path)
+    declared, where = _declared(metadata, model_path)
     fields = {f.name for f in dataclasses.fields(ImageSpec)}
     unknown = sorted(set(declared) - fields)
     if unknown:

@@ -143,8 +143,8 @@ def _session_options(threads: int | None, quiet: bool):
     return opts
 
 
-def create_session(model: bytes, provider: str = "auto", *, threads: int | None = None) -> Session:
-    """Create an inference session for serialized ONNX ``model`` bytes.
+def create_session(model: bytes | str, provider: str = "auto", *, threads: int | None = None) -> Session:
+    """Create an inference session for serialized ONNX ``model`` bytes, or the model file at path ``model``.
 
     Args:
         provider: ``"auto"`` (CUDA if it really works, else CPU), ``"cuda"`` (fail if CUDA does not work) or
