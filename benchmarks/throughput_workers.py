@@ -125,6 +125,8 @@ def worker_gate(spec: dict) -> dict:
         "dist": result.score,
         "provider": result.provider,
         "import_seconds": t_import,
+        # Heavy modules this gate loaded: a warm exposed-model cache spares it onnx, numpy k-means scikit-learn.
+        "modules_loaded": sorted(m for m in ("onnx", "sklearn", "scipy", "pandas", "mlflow") if m in sys.modules),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -224,6 +226,8 @@ def worker_reference(spec: dict) -> dict:
     torch.set_num_interop_threads(1)
     model, module, device = _torch_model(spec)
     x, y = load_npz_folder(Path(spec["data"]))
+    if spec.get("limit"):  # the thread sweep runs on a prefix of the data
+        x, y = x[: spec["limit"]], y[: spec["limit"]]
     feats: list = []
     module.register_forward_hook(lambda _m, _i, out: feats.append(out))
     sums = np.zeros((NUM_CLASSES, spec["dim"]), np.float64)
