@@ -17,7 +17,6 @@ import warnings
 
 from resque_airflow.registry import names
 from resque_airflow.registry.client import registry_call
-from resque_airflow.registry.report import REPORT_ARTIFACT, render_report
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +45,15 @@ def batch_dataset(data_uri: str, data_hash: str, name: str | None = None):
     return MetaDataset(source=source, name=label[:500], digest=(data_hash or "unknown")[:DIGEST_CHARS])
 
 
-def record_gate_extras(client, run_id: str, outcome: dict, version) -> None:
-    """Write the dataset input, the logged-model metric, the HTML report and the run name."""
-    from mlflow.entities import DatasetInput, InputTag, Metric
+def record_gate_extras(client, run_id: str, outcome: dict) -> None:
+    """Log the batch as the gate run's input dataset (by URI and digest).
+
+    The one extra with a call of its own (MLflow writes inputs apart from metrics, params and tags). The others go
+    with the gate's result (:func:`~resque_airflow.registry.gate.run_gate`): the report beside the result JSON in
+    one upload, the run name (tag ``mlflow.runName``) and the score on the logged model (the score metric carrying
+    the version's ``model_id``) in its one ``log_batch``.
+    """
+    from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     data_uri = outcome.get("data_uri") or ""
@@ -56,14 +61,12 @@ def record_gate_extras(client, run_id: str, outcome: dict, version) -> None:
         entity = batch_dataset(data_uri, outcome.get("data_hash") or "")._to_mlflow_entity()
         dataset = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, DATASET_CONTEXT)])
         registry_call("logging the batch as the gate's input", client.log_inputs, run_id, datasets=[dataset])
-    model_id = getattr(version, "model_id", None)
-    if model_id:  # a version created from an MLflow 3 logged model: the score shows on the model's page
-        score = float(outcome["score"])
-        if math.isfinite(score):
-            metric = Metric(names.SCORE_METRIC, score, 0, 0, model_id=model_id)
-            registry_call("linking the score to the logged model", client.log_batch, run_id, metrics=[metric])
-    registry_call("storing the gate report", client.log_text, run_id, render_report(outcome), REPORT_ARTIFACT)
-    registry_call("naming the gate run", client.update_run, run_id, name=gate_run_name(outcome))
+
+
+def logged_model_id(version) -> str | None:
+    """The logged model (MLflow 3) a model version was created from, or None: the score logged with this id shows on
+    the model's page."""
+    return getattr(version, "model_id", None) or None
 
 
 def write_back_cost(client, gate_run_id: str, challenger_run_id: str, cost: dict, *, met_target: bool) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from resque_airflow.errors import NotRegisteredError, RegistryError, ResqueInputError, first_line
+from resque_airflow.errors import NotRegisteredError, RegistryError, ResqueInputError, first_line, redact
 
 _URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -27,8 +29,6 @@ def check_tracking_uri(uri: str, *, what: str = "tracking_uri", create: bool = F
     - a ``sqlite:////`` path whose database does not exist (unless ``create``, as ``resque publish`` does): MLflow
       would silently create the folders and an empty database for a mistyped path.
     """
-    from resque_airflow.errors import redact
-
     shown = redact(uri)
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
     if scheme in ("", "file"):
@@ -114,6 +114,20 @@ def route_mlflow_logging() -> None:
 _CLIENT_CLASS = None
 
 
+def _clean(value):
+    """A string redacted (:func:`~resque_airflow.errors.redact`); anything else as it is."""
+    return redact(value) if isinstance(value, str) else value
+
+
+def _clean_tree(obj):
+    """``obj`` (JSON-like) with every string in it, keys included, redacted."""
+    if isinstance(obj, dict):
+        return {_clean(k): _clean_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clean_tree(v) for v in obj)
+    return _clean(obj)
+
+
 # C901 13, kept in one piece: each overridden MlflowClient writer (params, tags, model-version tags, dicts) is one
 # small closure, and they belong together so that no write path of the redacting client is missed.
 def _client_class():
@@ -124,46 +138,81 @@ def _client_class():
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
-    from resque_airflow.errors import redact
-
-    def clean(value):
-        return redact(value) if isinstance(value, str) else value
-
-    def clean_tree(obj):
-        if isinstance(obj, dict):
-            return {clean(k): clean_tree(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(clean_tree(v) for v in obj)
-        return clean(obj)
-
     class RedactingMlflowClient(MlflowClient):
         """Every param, tag and JSON artifact this client writes is redacted (credentials in URIs and tokens)."""
 
         def create_run(self, experiment_id, start_time=None, tags=None, run_name=None):
-            return super().create_run(experiment_id, start_time, clean_tree(tags), run_name)
+            return super().create_run(experiment_id, start_time, _clean_tree(tags), run_name)
 
         def log_param(self, run_id, key, value, synchronous=None):
-            return super().log_param(run_id, key, clean(str(value)), synchronous=synchronous)
+            return super().log_param(run_id, key, _clean(str(value)), synchronous=synchronous)
 
         def set_tag(self, run_id, key, value, synchronous=None):
-            return super().set_tag(run_id, key, clean(str(value)), synchronous=synchronous)
+            return super().set_tag(run_id, key, _clean(str(value)), synchronous=synchronous)
 
         def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
-            params = [Param(p.key, clean(p.value)) for p in params or ()]
-            tags = [RunTag(t.key, clean(t.value)) for t in tags or ()]
+            params = [Param(p.key, _clean(p.value)) for p in params or ()]
+            tags = [RunTag(t.key, _clean(t.value)) for t in tags or ()]
             return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
 
         def log_dict(self, run_id, dictionary, artifact_file):
-            return super().log_dict(run_id, clean_tree(dictionary), artifact_file)
+            return super().log_dict(run_id, _clean_tree(dictionary), artifact_file)
 
         def log_text(self, run_id, text, artifact_file):
-            return super().log_text(run_id, clean(text), artifact_file)
+            return super().log_text(run_id, _clean(text), artifact_file)
 
         def set_model_version_tag(self, name, version=None, key=None, value=None, stage=None):
-            return super().set_model_version_tag(name, version, key, clean(str(value)), stage)
+            return super().set_model_version_tag(name, version, key, _clean(str(value)), stage)
+
+        # MLflow checks before every model-registry write (and before resolving a download URI) that the registered
+        # model is not a prompt, with one get_registered_model each: 7 per gate. Within prompt_checked_once() a name
+        # that passed is not checked again. (A private MLflow method: if it is renamed, every check runs, as before.)
+        _prompt_checked: set | None = None
+
+        def _raise_if_prompt(self, name):
+            checked = self._prompt_checked
+            if checked is not None and name in checked:
+                return
+            super()._raise_if_prompt(name)
+            if checked is not None:
+                checked.add(name)
 
     _CLIENT_CLASS = RedactingMlflowClient
     return _CLIENT_CLASS
+
+
+@contextmanager
+def prompt_checked_once(client):
+    """Within the block, MLflow's "is this registered model a prompt?" check runs once per model name on ``client``
+    (a client of :func:`make_client`; any other client checks as MLflow does). A model cannot become a prompt
+    within one gate, so the check's answer is shared by the gate's registry calls instead of asked before each."""
+    if not hasattr(client, "_prompt_checked"):
+        yield
+        return
+    client._prompt_checked = set()
+    try:
+        yield
+    finally:
+        client._prompt_checked = None
+
+
+def log_text_files(client, run_id: str, files: Mapping[str, str | dict]) -> None:
+    """Upload several small artifacts of run ``run_id`` in one ``log_artifacts``: each at its run-relative path
+    (``"resque/report.html"``), from one temporary folder. A dict is written as ``log_dict`` writes JSON, a string as
+    ``log_text`` does; both redacted as :func:`make_client`'s client redacts them."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="resque-artifacts-") as tmp:
+        for rel, content in files.items():
+            path = Path(tmp, *PurePosixPath(rel).parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, dict):
+                text = json.dumps(_clean_tree(content), indent=2, default=str)
+            else:
+                text = _clean(content)
+            path.write_text(text, encoding="utf-8")
+        client.log_artifacts(run_id, tmp)
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:

@@ -71,23 +71,33 @@ def retrain_history(
     return points
 
 
-def rebuild_cost(client, version, *, cost_metric: str = DEFAULT_COST_METRIC) -> float | None:
-    """The recorded training cost of ``version`` (its publish run), or None when not on file."""
+def _training_metrics(client, version) -> dict[str, float]:
+    """The metrics of ``version``'s training-cost run (its publish run), read once; empty when it has none."""
     run_id = version.tags.get(names.TRAIN_RUN_MV_TAG) or version.run_id
     if not run_id:
-        return None
-    value = registry_call("reading the training cost", client.get_run, run_id).data.metrics.get(cost_metric)
+        return {}
+    return dict(registry_call("reading the training cost", client.get_run, run_id).data.metrics)
+
+
+def _cost(metrics: dict[str, float], cost_metric: str) -> float | None:
+    value = metrics.get(cost_metric)
     return None if value is None or math.isnan(value) else float(value)
+
+
+def rebuild_cost(client, version, *, cost_metric: str = DEFAULT_COST_METRIC) -> float | None:
+    """The recorded training cost of ``version`` (its publish run), or None when not on file."""
+    return _cost(_training_metrics(client, version), cost_metric)
 
 
 def forecast_cost(client, version, features: dict[str, float | None]) -> CostForecast | None:
     """Predicted fine-tuning cost of data with these ``features`` in the model's own units, or None without a
     recorded training cost (the gate then decides without costs)."""
-    training = rebuild_cost(client, version)
+    recorded = _training_metrics(client, version)  # one read for the steps and the energy
+    training = _cost(recorded, DEFAULT_COST_METRIC)
     if training is None or training <= 0:
         log.info("no cost forecast: model %s version %s has no recorded training cost", version.name, version.version)
         return None
-    energy = rebuild_cost(client, version, cost_metric="energy_kwh")
+    energy = _cost(recorded, "energy_kwh")
     history = [
         (p.signals, p.cost / training)
         for p in retrain_history(client, version.name)

@@ -6,9 +6,17 @@ failure never leaves a half-written trail:
 1. validate the request (thresholds, mode, label source) before touching the registry;
 2. resolve the alias or version, download the model and fingerprint, check the sha256;
 3. open the gate run (one per task instance of an :class:`Origin`: an earlier try's run is soft-deleted);
-4. score; on any error the run is marked FAILED with ``resque.status=failed`` and no model-version tag changes;
-5. log metrics, the result artifact and the decision, close the run FINISHED (its end time is the gate's time);
+4. score; on any error the run is marked FAILED with ``resque.status=failed`` (and the request's params) and no
+   model-version tag changes;
+5. upload the result JSON and the report (one ``log_artifacts``), log the input dataset, then params, metrics and
+   decision tags with ``resque.status=decided`` in one ``log_batch`` (the last request of it, when MLflow's limits
+   split it), and close the run FINISHED (its end time is the gate's time);
 6. only then tag the model version (newest gate wins, see :func:`~.tags.tag_model_version`).
+
+Round trips: the registered model and the model version are read once per gate and passed along (MLflow's own
+"is it a prompt?" check runs once, :func:`~.client.prompt_checked_once`), and only the model-version tags that
+change are written. On SQLite a first gate makes 20 MlflowClient calls, MLflow's calls to its own public methods
+included (33 before issue 16); ``tests/test_mlflow_round_trips.py`` holds the bound.
 
 Registry failures anywhere in steps 2-6 surface as :class:`RegistryError` (the CLI's exit code 3; a retryable
 ``ResqueGateError`` in Airflow). MLflow's own HTTP retries are bounded by :func:`~.client.make_client`. Whatever
@@ -36,6 +44,8 @@ from resque_airflow.registry.client import (
     ModelRef,
     ensure_experiment,
     iso_time,
+    log_text_files,
+    prompt_checked_once,
     registry_call,
     resolve_version,
     search_literal,
@@ -201,6 +211,7 @@ class _Gate:
     fetched: FetchedModel | None = None
     run_id: str | None = None
     exp_id: str | None = None
+    params: dict = field(default_factory=dict)  # the request's params, logged with the result (or the failure)
     undecided_run_id: str | None = None  # the gate run a failure left undecided (marked failed, registry permitting)
 
 
@@ -238,21 +249,24 @@ def run_gate(
     try:
         gate.thresholds = request.validate()
         gate.ref = ModelRef.parse(request.model_uri)
-        gate.stage = "resolving the model version"
-        gate.version = resolve_version(client, gate.ref)
-        if request.shard_summaries is None:  # before the download: bad data fails in a second, not after it
-            check_data_exists(request.data)
-        with download_dir() as tmp:  # named by pid: a later gate removes what a killed one left
-            gate.stage = "downloading the model"
-            gate.fetched = fetch_model(client, gate.version, tmp, need_fingerprint=request.mode == "dist")
-            gate.stage = "opening the gate run"
-            _open_gate_run(gate)
-            outcome, stamp = _score_and_record(gate, routes, progress, t0)
-        gate.stage = "tagging the model version"
-        record = {"score": outcome.score, "decision": outcome.decision, "run_id": gate.run_id, "time": iso_time(stamp),
-                  "mode": request.mode}  # fmt: skip
-        written = registry_call("tagging the model version", tag_model_version, client, gate.ref.name,
-                                outcome.model_version, record, gate.exp_id)  # fmt: skip
+        with prompt_checked_once(client):  # the registered model is read once, not before each registry call
+            gate.stage = "resolving the model version"
+            gate.version = resolve_version(client, gate.ref)
+            if request.shard_summaries is None:  # before the download: bad data fails in a second, not after it
+                check_data_exists(request.data)
+            with download_dir() as tmp:  # named by pid: a later gate removes what a killed one left
+                gate.stage = "downloading the model"
+                gate.fetched = fetch_model(client, gate.version, tmp, need_fingerprint=request.mode == "dist")
+                gate.stage = "opening the gate run"
+                _open_gate_run(gate)
+                outcome, stamp = _score_and_record(gate, routes, progress, t0)
+            gate.stage = "tagging the model version"
+            record = {"score": outcome.score, "decision": outcome.decision, "run_id": gate.run_id,
+                      "time": iso_time(stamp), "mode": request.mode}  # fmt: skip
+            # The version as resolved is the first round's reading of its tags; the verifying round reads them again.
+            written = registry_call("tagging the model version", tag_model_version, client, gate.ref.name,
+                                    outcome.model_version, record, gate.exp_id,
+                                    known_tags=dict(gate.version.tags or {}))  # fmt: skip
     except BaseException as exc:
         _attach(exc, gate)
         raise
@@ -310,8 +324,7 @@ def _score_and_record(
 ) -> tuple[GateOutcome, int]:
     """Steps 4-5 in the open gate run; returns the outcome and the gate's time. On any error the run is failed."""
     try:
-        gate.stage = "logging the gate's parameters"
-        _log_params(gate)
+        gate.params = _request_params(gate)
         gate.stage = "scoring"
         result = _score(gate, progress)
         gate.stage = "deciding"
@@ -330,14 +343,13 @@ def _score_and_record(
         stamp = _write_result(gate, result, outcome)
     except BaseException as exc:
         gate.undecided_run_id = gate.run_id
-        fail_run(gate.client, gate.run_id, exc)
+        fail_run(gate.client, gate.run_id, exc, gate.params)
         raise
     return outcome, stamp
 
 
-def _log_params(gate: _Gate) -> None:
-    from mlflow.entities import Param
-
+def _request_params(gate: _Gate) -> dict[str, object]:
+    """The gate run's params known before scoring (what was gated, how, and for which task instance)."""
     request = gate.request
     params = {
         "model_name": gate.ref.name, "model_version": gate.version.version, "model_alias": gate.ref.alias or "",
@@ -347,8 +359,7 @@ def _log_params(gate: _Gate) -> None:
     }  # fmt: skip
     if gate.origin is not None:
         params |= gate.origin.params()
-    registry_call("logging the gate's parameters", gate.client.log_batch, gate.run_id,
-                  params=[Param(k, str(v)) for k, v in params.items()])  # fmt: skip
+    return params
 
 
 def _score(gate: _Gate, progress: pipeline.Progress | None) -> pipeline.ScoreResult:
@@ -396,8 +407,13 @@ def _decide(gate: _Gate, result: pipeline.ScoreResult, routes: Routes | None) ->
 
 
 def _write_result(gate: _Gate, result: pipeline.ScoreResult, outcome: GateOutcome) -> int:
-    """Log metrics, params, decision tags and the result artifact, then close the run; returns the gate's time."""
+    """Upload the result and report, log the input, then params, metrics and tags (``decided`` among them) in one
+    batch, and close the run; returns the gate's time."""
     from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    from resque_airflow.registry.audit_loop import gate_run_name, logged_model_id, record_gate_extras
+    from resque_airflow.registry.report import REPORT_ARTIFACT, render_report
 
     client, run_id = gate.client, gate.run_id
     fp = gate.fetched.fingerprint
@@ -405,25 +421,41 @@ def _write_result(gate: _Gate, result: pipeline.ScoreResult, outcome: GateOutcom
     # One clock reading is the gate's time: the JSON tag's "time" and the run's end time, so that concurrent gates
     # agree on which is newest whether they read the tag or the run.
     stamp = int(time.time() * 1000)
-    params = {
+    as_dict = outcome.to_dict()
+    registry_call("storing the gate result", log_text_files, client, run_id,
+                  {names.GATE_RESULT_ARTIFACT: as_dict, REPORT_ARTIFACT: render_report(as_dict)})  # fmt: skip
+    record_gate_extras(client, run_id, as_dict)  # the batch as the run's input dataset
+    params = gate.params | {
         "provider": result.provider, "layer": result.layer, "data_hash": result.data_hash,
         "n_samples": result.n_samples, "n_classes": result.n_classes, "policy": outcome.policy,
     }  # fmt: skip
     tags = {names.DECISION_TAG: outcome.decision, names.BRANCH_TAG: json.dumps(outcome.branch),
-            names.POLICY_TAG: outcome.policy, names.REASON_TAG: outcome.reason[:5000]}  # fmt: skip
-    metrics = gate_metrics(result, outcome.prediction, reference_accuracy)
-    registry_call(
-        "logging the gate's result", client.log_batch, run_id,
-        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
-        params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()],
-    )  # fmt: skip
-    registry_call("storing the gate result", client.log_dict, run_id, outcome.to_dict(), names.GATE_RESULT_ARTIFACT)
-    from resque_airflow.registry.audit_loop import record_gate_extras  # dataset input, report, run name, view
-
-    record_gate_extras(client, run_id, outcome.to_dict(), gate.version)
-    registry_call("marking the gate run decided", client.set_tag, run_id, names.STATUS_TAG, names.STATUS_DECIDED)
+            names.POLICY_TAG: outcome.policy, names.REASON_TAG: outcome.reason[:5000],
+            MLFLOW_RUN_NAME: gate_run_name(as_dict), names.STATUS_TAG: names.STATUS_DECIDED}  # fmt: skip
+    model_id = logged_model_id(gate.version)  # the score also shows on the version's logged model (MLflow 3)
+    metrics = [Metric(k, float(v), stamp, 0, model_id=model_id if k == names.SCORE_METRIC else None)
+               for k, v in gate_metrics(result, outcome.prediction, reference_accuracy).items()]  # fmt: skip
+    _log_decided(client, run_id, metrics, [Param(k, str(v)) for k, v in params.items()],
+                 [RunTag(k, v) for k, v in tags.items()])  # fmt: skip
     registry_call("closing the gate run", client.set_terminated, run_id, "FINISHED", end_time=stamp)
     return stamp
+
+
+def _log_decided(client, run_id: str, metrics: list, params: list, tags: list) -> None:
+    """One ``log_batch`` of everything, ``resque.status=decided`` in its last request.
+
+    MLflow splits a batch into requests of at most 1000 entities (100 params, 100 tags, 1000 metrics) and sends the
+    tags in the first. A gate has fewer than 100 params and tags but may have over 1000 metrics (one angle per
+    class): the metrics that do not fit beside the params and tags go first, in a batch of their own, so that a gate
+    stopped between two requests is not marked decided without all its metrics.
+    """
+    from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH
+
+    room = MAX_ENTITIES_PER_BATCH - len(params) - len(tags)
+    if len(metrics) > room:
+        registry_call("logging the gate's metrics", client.log_batch, run_id, metrics=metrics[:-room])
+        metrics = metrics[-room:]
+    registry_call("logging the gate's result", client.log_batch, run_id, metrics=metrics, params=params, tags=tags)
 
 
 __all__ = ["GateOutcome", "GateRequest", "Origin", "RegistryError", "Routes", "failed_at", "record_action", "run_gate"]

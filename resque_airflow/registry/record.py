@@ -42,19 +42,28 @@ def gate_metrics(result: ScoreResult, prediction: dict | None, reference_accurac
     return {k: v for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
-def fail_run(client, run_id: str, exc: BaseException) -> None:
-    """Best effort: mark the gate run failed with the reason; the original error is what the caller sees."""
-    from mlflow.entities import RunTag
+def fail_run(client, run_id: str, exc: BaseException, params: dict | None = None) -> None:
+    """Best effort: mark the gate run failed with the reason; the original error is what the caller sees.
 
+    ``params`` (the request's params, which a gate logs with its result) are logged with the failure marks, so that
+    a failed run names what it gated; a param MLflow refuses does not stop the run from being marked failed.
+    """
+    from mlflow.entities import Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    tags = [
+        RunTag(names.STATUS_TAG, names.STATUS_FAILED),
+        RunTag(names.ERROR_TAG, f"{type(exc).__name__}: {str(exc)[:4000]}"),
+    ]
+    logged = [Param(k, str(v)) for k, v in (params or {}).items()]
     try:
         # Two calls, not three: when the registry is what failed, each call spends MLflow's HTTP retries.
-        client.log_batch(
-            run_id,
-            tags=[
-                RunTag(names.STATUS_TAG, names.STATUS_FAILED),
-                RunTag(names.ERROR_TAG, f"{type(exc).__name__}: {str(exc)[:4000]}"),
-            ],
-        )
+        try:
+            client.log_batch(run_id, params=logged, tags=tags)
+        except MlflowException as refused:  # a param the store refuses (too long, say): the marks still go in
+            if not logged or getattr(refused, "error_code", "") != "INVALID_PARAMETER_VALUE":
+                raise
+            client.log_batch(run_id, tags=tags)
         client.set_terminated(run_id, "FAILED")
     except Exception as inner:  # the registry may be the thing that failed
         log.warning("could not mark gate run %s as failed: %s", run_id, first_line(inner))

@@ -120,7 +120,9 @@ def _set_tag_or_yield(client, name: str, version: str, tag: str, value: str) -> 
         return False
 
 
-def tag_model_version(client, name: str, version: str, payload: dict, exp_id: str | None = None) -> bool:
+def tag_model_version(
+    client, name: str, version: str, payload: dict, exp_id: str | None = None, *, known_tags: dict | None = None
+) -> bool:
     """Leave the model-version tags naming the newest gate (by time, then run id). Returns whether it is ours.
 
     ``payload`` is this gate's result: ``score``, ``decision``, ``run_id``, ``time`` (ISO, as the run's end time)
@@ -135,11 +137,19 @@ def tag_model_version(client, name: str, version: str, payload: dict, exp_id: st
     Guarantee: the gate that writes last verifies after its last write, so once every gate has returned the tags
     are all equal to the fields of ``resque.last_gate`` and name the newest decided gate. A damaged JSON tag is
     overwritten.
+
+    ``known_tags``: the version's tags as the caller last read them (the gate resolved the version), used by the
+    first round instead of reading them again. Only the tags that differ from them are written; a tag someone changed
+    since is seen by the next round, which always reads afresh: a write is always followed by a read and a search,
+    so the guarantee holds with a stale first reading as with a fresh one.
     """
     ours = payload
     horizon = _horizon(ours)
     for _ in range(_TAG_ROUNDS):
-        tags = dict(client.get_model_version(name, version).tags)
+        if known_tags is not None:
+            tags, known_tags = dict(known_tags), None
+        else:
+            tags = dict(client.get_model_version(name, version).tags)
         candidates = [ours, _tag_payload(tags)]
         if exp_id is not None:
             candidates.append(_newest_finished_gate(client, exp_id, name, version, horizon))
