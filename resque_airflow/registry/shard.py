@@ -44,7 +44,10 @@ def summarise_shard(
     with tempfile.TemporaryDirectory(prefix="resque-shard-") as tmp:
         fetched = fetch_model(client, version, tmp)
         fp = fetched.fingerprint
-        embedder = Embedder(fetched.model_path.read_bytes(), layer=fp.layer, pooling=fp.pooling, provider=provider)
+        embedder = Embedder(
+            fetched.model_path.read_bytes(), layer=fp.layer, pooling=fp.pooling, provider=provider,
+            model_sha256=fetched.sha256,
+        )  # fmt: skip
         summary, stats = pipeline.summarise(embedder, fp, data, batch_size=batch_size)
     header = ShardHeader(fp.model_sha256, fp.layer, stats.n_samples, data, stats.data_hash, bool(stats.labelled))
     write_shard(out_uri, summary, header)
