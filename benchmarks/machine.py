@@ -64,6 +64,28 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def cpu_ticks() -> dict[str, float] | None:
+    """Machine-wide CPU seconds since boot from ``/proc/stat`` (``busy``: user + system + irq; ``idle``; ``steal``:
+    time the hypervisor gave this VM's vCPUs to others), or None where it is missing. Differences between two calls
+    say how busy the machine was, and how much of it was taken away, while a path ran."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    v = [int(f) / tick for f in fields] + [0.0] * 8
+    return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "idle": v[3] + v[4], "steal": v[7]}
+
+
+def cpu_share(before: dict | None, after: dict | None) -> dict[str, float] | None:
+    """Between two :func:`cpu_ticks`: the machine's busy, idle and stolen fractions of its vCPU time."""
+    if not before or not after:
+        return None
+    d = {k: after[k] - before[k] for k in before}
+    total = sum(d.values()) or 1.0
+    return {f"{k}_fraction": d[k] / total for k in d}
+
+
 def peak_rss_mb() -> float | None:
     """This process's peak resident set size (``VmHWM``) in MiB."""
     with contextlib.suppress(OSError):

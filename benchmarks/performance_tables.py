@@ -35,6 +35,10 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
 def stability(runs: list[dict]) -> str:
     lines = []
     for name in runs[0]["models"]:
@@ -52,7 +56,7 @@ def stability(runs: list[dict]) -> str:
 
 def paths(runs: list[dict]) -> str:
     lines = ["| model | path | run | images/s | wall (s) | CPU (s) | CPU ms/image | peak RSS (MiB) | load before/after "
-             "|", "|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+             "| steal |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
     for name in runs[0]["models"]:
         for key in runs[0]["models"][name]["paths"]:
             for i, r in enumerate(runs, 1):
@@ -63,7 +67,7 @@ def paths(runs: list[dict]) -> str:
                 lines.append(
                     f"| {name} | {key} | {i} | {p['images_per_s']:.1f} | {p.get('seconds', float('nan')):.2f} "
                     f"| {p.get('cpu_seconds', float('nan')):.2f} | {p.get('cpu_ms_per_image', float('nan')):.2f} "
-                    f"| {p['peak_rss_mb']:.0f} | {load} |"
+                    f"| {p['peak_rss_mb']:.0f} | {load} | {_pct(p.get('steal_fraction'))} |"
                 )
     return "\n".join(lines)
 
