@@ -34,6 +34,19 @@ def test_lloyd_from_class_centroids_is_scikit_learns(seed, n, d, k, spread):
         assert n_iter > 3
 
 
+def test_many_clusters_take_the_grouped_sum_path_and_agree(monkeypatch):
+    import resque_airflow.core.clustering as clustering
+
+    x, y = _blobs(6, 600, 16, 8, 0.5)
+    start = np.stack([x[y == c].mean(axis=0) for c in range(8)])
+    want = lloyd(x, start)
+    monkeypatch.setattr(clustering, "ONE_HOT_MAX_CLUSTERS", 4)
+    got = lloyd(x, start)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+    assert got[2] == want[2]
+
+
 def test_an_empty_cluster_takes_the_farthest_sample_as_scikit_learn_does():
     x = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0], [5.1, 5.0]])
     start = np.array([[0.0, 0.0], [5.0, 5.0], [100.0, 100.0]])  # nothing is nearest the third centre

@@ -14,6 +14,8 @@ import numpy as np
 
 DEFAULT_MAX_ITER = 300
 DEFAULT_TOL = 1e-4
+# Up to this many clusters the cluster sums are one one-hot matrix product; beyond, a sort and a grouped sum.
+ONE_HOT_MAX_CLUSTERS = 64
 
 
 def lloyd(
@@ -61,8 +63,13 @@ def _assign(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
 def _update(x: np.ndarray, old: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The means of the clusters; an empty cluster takes the sample farthest from its own centre."""
     k = old.shape[0]
-    sums = np.zeros_like(old)
-    np.add.at(sums, labels, x)
+    if k <= ONE_HOT_MAX_CLUSTERS:  # one (K, N) x (N, D) GEMM: K N D multiply-adds, BLAS-fast for a few clusters
+        sums = (labels[None, :] == np.arange(k)[:, None]).astype(np.float64) @ x
+    else:  # rows grouped by cluster and summed per group: O(N D) for any K, at the price of a copy of x
+        sums = np.zeros_like(old)
+        order = np.argsort(labels, kind="stable")
+        present, starts = np.unique(labels[order], return_index=True)
+        sums[present] = np.add.reduceat(x[order], starts, axis=0)
     weight = np.bincount(labels, minlength=k).astype(np.float64)
     empty = np.flatnonzero(weight == 0)
     if empty.size:
@@ -88,8 +95,8 @@ def adjusted_rand_index(labels_true: np.ndarray, labels_pred: np.ndarray) -> flo
     _, a = np.unique(np.asarray(labels_true), return_inverse=True)
     _, b = np.unique(np.asarray(labels_pred), return_inverse=True)
     n = int(a.size)
-    table = np.zeros((a.max(initial=-1) + 1, b.max(initial=-1) + 1), np.int64)
-    np.add.at(table, (a.ravel(), b.ravel()), 1)
+    rows_n, cols_n = int(a.max(initial=-1)) + 1, int(b.max(initial=-1)) + 1
+    table = np.bincount(a.ravel() * cols_n + b.ravel(), minlength=rows_n * cols_n).reshape(rows_n, cols_n)
     rows, cols = table.sum(axis=1), table.sum(axis=0)
     squares = int((table**2).sum())
     # The pair confusion matrix: pairs together in both (tp), in one only (fp, fn), in neither (tn); exact integers.
