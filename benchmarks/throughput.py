@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/throughput.py [--quick] [--json] [--standard] [--out docs/performance/standard-1.json] [--provider cpu|cuda|auto]
+    python benchmarks/throughput.py [--quick | --standard] [--json] [--out docs/performance/standard-1.json]
+        [--provider cpu|cuda]
 
 Paths, each in a fresh subprocess so that its peak RSS (``VmHWM``) is its own:
 
