@@ -44,8 +44,8 @@ def stability(runs: list[dict]) -> str:
     for name in runs[0]["models"]:
         per = [_ratios(r["models"][name]) for r in runs]
         loads = ["; ".join(f"{lv[0]:.2f}" for lv in r["models"][name]["load_per_repeat"]) for r in runs]
-        lines += [f"**{name}** (1-minute load at each repeat: run 1 {loads[0]}; run 2 {loads[1]})", ""]
-        lines += ["| ratio | target | run 1 | run 2 | run 2 vs run 1 |", "|---|---|---:|---:|---:|"]
+        lines += [f"**{name}** (1-minute load at each repeat: first run {loads[0]}; second run {loads[1]})", ""]
+        lines += ["| ratio | target | first run | second run | second vs first |", "|---|---|---:|---:|---:|"]
         for key in per[0]:
             a, b = per[0][key], per[1][key]
             diff = f"{100 * (b / a - 1):+.1f}%" if a and b else "-"
