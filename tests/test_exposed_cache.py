@@ -34,7 +34,7 @@ def _entries(root):
 def test_a_model_seen_before_is_not_edited_again(cnn_onnx, cache, monkeypatch):
     data, sha = read_model(cnn_onnx[1])
     x, _ = make_images(16, seed=3)
-    first = Embedder(data, layer="conv2", model_sha256=sha)
+    first = Embedder(data, layer="conv2", pooling="spatial", model_sha256=sha)
     (entry,) = _entries(cache)
     assert json.loads((entry / exposed_cache.INFO_FILE).read_text())["exposed"]["layer"] == "conv2"
 
@@ -42,7 +42,7 @@ def test_a_model_seen_before_is_not_edited_again(cnn_onnx, cache, monkeypatch):
         raise AssertionError("the graph was edited again")
 
     monkeypatch.setattr(graph, "expose_layer", no_edit)
-    second = Embedder(data, layer="conv2", model_sha256=sha)
+    second = Embedder(data, layer="conv2", pooling="spatial", model_sha256=sha)
     assert second.exposed == first.exposed and second.exposed.model is None
     for a, b in zip(first.run(x), second.run(x), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -50,9 +50,10 @@ def test_a_model_seen_before_is_not_edited_again(cnn_onnx, cache, monkeypatch):
 
 def test_each_layer_and_pooling_is_its_own_entry_and_old_entries_are_pruned(cnn_onnx, cache):
     data, sha = read_model(cnn_onnx[1])
-    Embedder(data, layer="conv2", model_sha256=sha)
-    Embedder(data, layer="relu", model_sha256=sha)
-    Embedder(data, layer="auto", model_sha256=sha)
+    Embedder(data, layer="conv2", pooling="spatial", model_sha256=sha)
+    Embedder(data, layer="relu", pooling="spatial", model_sha256=sha)
+    # "auto" resolves to conv2 / spatial, already cached: one more entry, under ("auto", "auto") only.
+    Embedder(data, layer="auto", pooling="auto", model_sha256=sha)
     assert len(_entries(cache)) == 3
     (cache / "exposed" / ".half-written").mkdir()  # a writer killed before its rename, long ago
     exposed_cache._prune(cache / "exposed", keep=2, stale_s=0.0)
@@ -62,15 +63,15 @@ def test_each_layer_and_pooling_is_its_own_entry_and_old_entries_are_pruned(cnn_
 def test_a_broken_entry_is_rebuilt(cnn_onnx, cache, caplog):
     data, sha = read_model(cnn_onnx[1])
     x, _ = make_images(8, seed=4)
-    want = Embedder(data, layer="conv2", model_sha256=sha).run(x)
+    want = Embedder(data, layer="conv2", pooling="spatial", model_sha256=sha).run(x)
     (entry,) = _entries(cache)
     (entry / exposed_cache.MODEL_FILE).write_bytes(b"not a model")
     with caplog.at_level(logging.WARNING, logger="resque_airflow.runtime.exposed"):
-        got = Embedder(data, layer="conv2", model_sha256=sha).run(x)
+        got = Embedder(data, layer="conv2", pooling="spatial", model_sha256=sha).run(x)
     assert "cannot load" in caplog.text
     np.testing.assert_array_equal(want[0], got[0])
     (entry,) = _entries(cache)  # written again, whole
-    assert Embedder(data, layer="conv2", model_sha256=sha).run(x)[0].shape == want[0].shape
+    assert Embedder(data, layer="conv2", pooling="spatial", model_sha256=sha).run(x)[0].shape == want[0].shape
 
 
 def test_off_and_unwritable_caches_change_nothing(cnn_onnx, tmp_path, monkeypatch, caplog):
@@ -109,10 +110,9 @@ def test_a_cached_gate_imports_neither_onnx_nor_scikit_learn(cnn_onnx, cache, tm
         json.loads(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
         for _ in range(2)
     ]
-    # The fingerprint cached the edit under layer="auto"; the gates ask for its recorded layer and pooling, so the
-    # first one edits (onnx) and caches that, and the second loads neither.
-    assert runs[0]["loaded"] == ["onnx"]
-    assert runs[1]["loaded"] == []
+    # The fingerprint (layer="auto") cached the edit under what "auto" resolved to as well, which is what the gates
+    # ask for: the first gate after publishing is already warm.
+    assert runs[0]["loaded"] == runs[1]["loaded"] == []
     assert runs[0]["score"] == runs[1]["score"]
     in_process = score_dist(cnn_onnx[1], Fingerprint.load(tmp_path / "fp"), str(tmp_path / "new.npz"))
     assert in_process.score == runs[1]["score"] and in_process.signals["separability"] == runs[1]["separability"]

@@ -147,6 +147,9 @@ class Embedder:
         del full
         if sha256:
             exposed_cache.store(sha256, layer, pooling, edited, self.exposed)
+            resolved = (self.exposed.layer, self.exposed.pooling)
+            if resolved != (layer, pooling):  # "auto" at publish time: the gates will ask for what it resolved to
+                exposed_cache.store(sha256, *resolved, edited, self.exposed)
         return create_session(edited, provider, threads=threads)
 
     @property

@@ -133,6 +133,8 @@ def store(sha256: str, layer: str, pooling: str, edited: bytes, exposed: Exposed
     if root is None:
         return None
     entry = _entry(root, sha256, layer, pooling)
+    if (entry / INFO_FILE).is_file():  # written by an earlier or a concurrent gate
+        return entry / MODEL_FILE
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
