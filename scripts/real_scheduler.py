@@ -266,6 +266,18 @@ def gate_on_clean_batch(api: Api, stack: Stack, data: Path, client) -> dict:
             "branch": ran[0], "gate_run_id": result["gate_run_id"], "links": links}  # fmt: skip
 
 
+def paused_seen(stack: Stack, run_id: str, timeout_s: float = 30.0) -> None:
+    """Wait until the scheduler's log shows the executor's event for ``approve`` in ``run_id`` (its paused attempt)."""
+    log, deadline = stack.logs / "scheduler.log", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if any("Received executor event" in line and "task_id='approve'" in line and run_id in line
+               for line in text.splitlines()):  # fmt: skip
+            return
+        time.sleep(0.5)
+    say(f"  (no executor event for the paused approval in {timeout_s:.0f} s; answering anyway)")
+
+
 def approved_retrain_via_asset(api: Api, stack: Stack, data: Path, client) -> dict:
     say("2. resque_gate_assets on a shifted batch with max_cost=0: approval, asset event, resque_retrain")
     before = {r["dag_run_id"] for r in api.get("/dags/resque_retrain/dagRuns")["dag_runs"]}
@@ -277,6 +289,10 @@ def approved_retrain_via_asset(api: Api, stack: Stack, data: Path, client) -> di
           f"gate said {result['decision']!r}; the approval task waits for a person")  # fmt: skip
     hitl = api.get(f"/dags/resque_gate_assets/dagRuns/{quote(run_id)}/taskInstances/approve/-1/hitlDetails")
     say(f"  asked: {hitl.get('subject')!r}; options {hitl.get('options')}")
+    # Answer as a person would: not before the scheduler has taken the executor's event for the paused attempt.
+    # An answer in the second before that re-queues the task, and the late event then fails it ("finished with
+    # state success, but the task instance's state attribute is queued": seen once in CI, Airflow 3's scheduler).
+    paused_seen(stack, run_id)
     api.patch(f"/dags/resque_gate_assets/dagRuns/{quote(run_id)}/taskInstances/approve/-1/hitlDetails",
               {"chosen_options": ["Approve"], "params_input": {}})  # fmt: skip
     states = api.wait_run("resque_gate_assets", run_id, stack)
