@@ -148,8 +148,9 @@ def resque_task(
     else:  # scikit-learn only for this option: the gate's separability signal never asks for it
         from sklearn.cluster import kmeans_plusplus
 
-        start, _ = kmeans_plusplus(x - x.mean(axis=0), classes.size, random_state=seed)
-        start = start + x.mean(axis=0)
+        mean = x.mean(axis=0)  # centred as KMeans centres the data before seeding
+        start, _ = kmeans_plusplus(x - mean, classes.size, random_state=seed)
+        start = start + mean
     clusters, _, n_iter = lloyd(x, start)
     ari = adjusted_rand_index(y, clusters)
     return TaskScore(

@@ -107,8 +107,9 @@ class Embedder:
         threads: int | None = None,
         model_sha256: str | None = None,
     ):
+        self.session: Session
         self.exposed: ExposedModel
-        self.session: Session = self._open(model, layer, pooling, provider, threads, model_sha256)
+        self.session, self.exposed = self._open(model, layer, pooling, provider, threads, model_sha256)
         log.info("%s", self.exposed.describe())
         self.inputs: list[TensorSpec] = model_inputs(self.session.session)
         main = main_input(self.inputs)
@@ -126,31 +127,32 @@ class Embedder:
 
     def _open(
         self, model: bytes, layer: str, pooling: str, provider: str, threads: int | None, sha256: str | None
-    ) -> Session:
-        """The session over the exposed model: from the cache when it holds this edit, else edited here (and cached).
+    ) -> tuple[Session, ExposedModel]:
+        """The session over the exposed model and its description: from the cache when it holds this edit, else
+        edited here (and cached).
 
         Neither the ``onnx`` graph nor its serialised bytes are kept: ONNX Runtime holds its own copy of the
         weights, and a second one through the pass would only raise the peak memory.
         """
         hit = exposed_cache.lookup(sha256, layer, pooling) if sha256 else None
         if hit is not None:
-            path, self.exposed = hit
+            path, exposed = hit
             try:
-                return create_session(str(path), provider, threads=threads)
+                return create_session(str(path), provider, threads=threads), exposed
             except ModelError:
                 exposed_cache.forget(path)
         from resque_airflow.runtime.graph import expose_layer, load_model  # imports onnx: only for a new edit
 
         full = expose_layer(load_model(model), layer, pooling)
         edited = full.model.SerializeToString()
-        self.exposed = dataclasses.replace(full, model=None)
+        exposed = dataclasses.replace(full, model=None)
         del full
         if sha256:
-            exposed_cache.store(sha256, layer, pooling, edited, self.exposed)
-            resolved = (self.exposed.layer, self.exposed.pooling)
+            exposed_cache.store(sha256, layer, pooling, edited, exposed)
+            resolved = (exposed.layer, exposed.pooling)
             if resolved != (layer, pooling):  # "auto" at publish time: the gates will ask for what it resolved to
-                exposed_cache.store(sha256, *resolved, edited, self.exposed)
-        return create_session(edited, provider, threads=threads)
+                exposed_cache.store(sha256, *resolved, edited, exposed)
+        return create_session(edited, provider, threads=threads), exposed
 
     @property
     def provider(self) -> str:
